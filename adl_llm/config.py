@@ -1,0 +1,245 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+Hydra merges `conf/` onto these dataclasses, so an unknown key or a wrong type fails while composing.
+Value checks live in `__post_init__`: `OmegaConf.to_object` builds the dataclasses from the final,
+overridden values, so `python -m adl_llm.run gen.beams=0` fails in about a second, naming `gen.beams`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from adl_llm.errors import ConfigError, unknown_key
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# `${project_root:}` lets the shipped configs point at the vendored data wherever the command runs from.
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+class Quant(enum.Enum):
+    nf4 = "nf4"  # 4-bit NormalFloat with double quantisation (QLoRA), through bitsandbytes
+    none = "none"  # plain weights in model.dtype
+
+
+class DType(enum.Enum):
+    auto = "auto"  # bfloat16 on a GPU or under NF4, float32 for plain weights on a CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TaskName(enum.Enum):
+    pipeline = "pipeline"  # train, then evaluate, then generate: the seed report's workflow
+    train = "train"
+    eval = "eval"
+    generate = "generate"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id, local folder, or `embedded:gemma3-270m`
+    quant: Quant = Quant.nf4
+    dtype: DType = DType.auto
+    revision: str | None = None
+    trust_remote_code: bool = False  # runs code shipped with a hub model: off unless asked for
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path.strip()), "model.name_or_path", "must name a hub id or a local folder")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
+        _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _check(
+            0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
+        )
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(
+            self.bias in ("none", "all", "lora_only"),
+            "lora.bias",
+            f"must be none, all or lora_only, got {self.bias}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+
+
+class ScheduleName(enum.Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = ScheduleName.linear
+    warmup_ratio: float = 0.0  # fraction of the optimiser steps spent warming up
+    warmup_steps: int = 0  # absolute warm-up; wins over warmup_ratio when > 0
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.warmup_ratio < 1.0,
+            "schedule.warmup_ratio",
+            f"must be in [0, 1), got {self.warmup_ratio}",
+        )
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class GenConfig:
+    beams: int = 3
+    do_sample: bool = True
+    top_p: float = 0.9
+    top_k: int = 10
+    temperature: float = 1.2
+    max_new_tokens: int = 128
+    stop_strings: list[str] = field(default_factory=lambda: ["USER:", "\n"])
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check(self.beams >= 1, "gen.beams", f"must be >= 1, got {self.beams}")
+        _check(0.0 < self.top_p <= 1.0, "gen.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "gen.top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        _check(self.temperature > 0, "gen.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.max_new_tokens >= 1, "gen.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.batch_size >= 1, "gen.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(all(self.stop_strings), "gen.stop_strings", "must not contain an empty string")
+
+
+@dataclass
+class DataConfig:
+    name: str = "custom"
+    train_file: str = MISSING
+    eval_file: str = MISSING
+    n_train: int | None = 3000  # the first N training records; null takes them all
+    n_eval: int | None = None  # the first N eval records (a quick slice); null takes them all
+
+    def __post_init__(self) -> None:
+        _check(
+            self.n_train is None or self.n_train > 0,
+            "data.n_train",
+            f"must be > 0 or null, got {self.n_train}",
+        )
+        _check(
+            self.n_eval is None or self.n_eval > 0, "data.n_eval", f"must be > 0 or null, got {self.n_eval}"
+        )
+
+
+@dataclass
+class PromptConfig:
+    name: str = "zero_shot"
+    system: str = MISSING
+    query_template: str = "USER: {instruction} ASSISTANT:"
+    n_shots: int = 0  # >0: the last n training records become worked examples
+    shots_intro: str = ""
+    shot_template: str = "{n}. USER: {instruction} ASSISTANT: {output}\n"
+
+    def __post_init__(self) -> None:
+        _check(self.n_shots >= 0, "prompt.n_shots", f"must be >= 0, got {self.n_shots}")
+        _check(
+            "{instruction}" in self.query_template,
+            "prompt.query_template",
+            "must contain the placeholder {instruction}",
+        )
+        if self.n_shots:
+            for part in ("{instruction}", "{output}"):
+                _check(
+                    part in self.shot_template, "prompt.shot_template", f"must contain the placeholder {part}"
+                )
+
+
+@dataclass
+class TaskConfig:
+    name: TaskName = TaskName.pipeline
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_length: int = 2048  # tokens; longer examples are cut here, as the course metric does
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_length >= 2, "eval.max_length", f"must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter: str | None = None  # a PEFT adapter folder to put on the base model
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register() -> None:
+    """Make the schema known to Hydra; `conf/config.yaml` names it first in its defaults."""
+    ConfigStore.instance().store(name="adl_llm_schema", node=Config)
+
+
+def to_typed(cfg: DictConfig | Any) -> Config:
+    """Resolve a composed config into the dataclasses, which runs every value check."""
+    _reject_added_keys(cfg, Config, "")
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, Config)
+    return typed
+
+
+def _reject_added_keys(node: Any, schema: type, prefix: str) -> None:
+    """`+gen.beam=3` forces a key past Hydra's checks; the dataclasses would drop it without a word."""
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            raise unknown_key(f"{prefix}{key}", list(fields))
+        child = OmegaConf.get_type(node, key)
+        if dataclasses.is_dataclass(child):
+            _reject_added_keys(node[key], child, f"{prefix}{key}.")
+
+
+register()

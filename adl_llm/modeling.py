@@ -1,0 +1,111 @@
+"""Base model and tokenizer (hub id, local folder or the embedded default), NF4 quantisation, adapters."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from adl_llm.config import DType, ModelConfig, Quant
+from adl_llm.embedded import embedded_model_dir, is_embedded
+from adl_llm.errors import ModelError
+
+log = logging.getLogger(__name__)
+# bitsandbytes warns on every CPU run that an optional kernel package is absent; it changes nothing here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def weight_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU and for NF4 compute (as QLoRA runs), float32 for plain weights on a CPU."""
+    if cfg.dtype is DType.auto:
+        return torch.bfloat16 if device.type == "cuda" or cfg.quant is Quant.nf4 else torch.float32
+    return getattr(torch, cfg.dtype.value)
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """What transformers should load: the embedded model's cache folder, a local folder or a hub id."""
+    if is_embedded(cfg.name_or_path):
+        return str(embedded_model_dir(cfg.name_or_path))
+    path = Path(cfg.name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model.name_or_path={cfg.name_or_path}: is a file, not a model folder")
+        return str(path)
+    if _looks_like_path(cfg.name_or_path):
+        raise ModelError(f"model.name_or_path={cfg.name_or_path}: no such model folder")
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    source = source or model_source(cfg)
+    tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
+    if tokenizer.pad_token_id is None:  # padding is always masked out, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str | None = None):
+    """The base model in eval mode, quantised to NF4 when `cfg.quant` asks, on `device`."""
+    device = device or default_device()
+    source = source or model_source(cfg)
+    dtype = weight_dtype(cfg, device)
+    extra = {}
+    if cfg.quant is Quant.nf4:
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        source,
+        cfg,
+        dtype=dtype,
+        device_map={"": str(device)},
+        attn_implementation=cfg.attn_implementation,
+        **extra,
+    )
+    log.info("loaded %s (%s, %s) on %s", cfg.name_or_path, cfg.quant.value, dtype, device)
+    return model.eval()
+
+
+def load_adapter(model, adapter_dir: str, *, trainable: bool = False):
+    """Put a saved PEFT adapter on `model`."""
+    from peft import PeftModel
+
+    path = Path(adapter_dir).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"adapter={adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except RuntimeError as err:  # shape mismatches: the adapter belongs to another base model
+        raise ModelError(
+            f"adapter={adapter_dir}: does not fit this base model ({str(err).splitlines()[0]})"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def _from_pretrained(auto_class, source: str, cfg: ModelConfig, **kwargs):
+    try:
+        return auto_class.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        if Path(source).is_dir():
+            raise ModelError(
+                f"{source}: cannot load {auto_class.__name__} ({str(err).splitlines()[0]})"
+            ) from None
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path}: cannot be fetched from the Hugging Face hub "
+            "(offline, or no such repository); pass a local model folder instead"
+        ) from None

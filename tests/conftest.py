@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny random causal LM with a character-level tokenizer, built offline, and the real
+`conf/` composed through Hydra's compose API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from adl_llm.config import PROJECT_ROOT, Config, to_typed
+
+ASSETS = Path(__file__).parent / "assets"
+TRAIN_FILE = ASSETS / "train.json"  # the first 40 records of data/classical_zh/train.json
+EVAL_FILE = ASSETS / "eval.json"  # the first 12 records of data/classical_zh/public_test.json
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64) and a one-character-per-token tokenizer over the test assets."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    sources = [TRAIN_FILE, EVAL_FILE, *sorted((PROJECT_ROOT / "conf" / "prompt").glob("*.yaml"))]
+    text = "".join(path.read_text(encoding="utf-8") for path in sources)
+    chars = sorted(set(text) - {"\n"}) + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def compose_config(*overrides: str, output_dir: Path | str = "unused") -> Config:
+    """The real conf/ with overrides, checked and typed like the entrypoint does."""
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        raw = compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
+    return to_typed(raw)
+
+
+def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
+    """Overrides that point the config at the tiny model and the test records."""
+    return [
+        f"model.name_or_path={model_dir}",
+        "model.quant=none",
+        "model.dtype=float32",
+        f"data.train_file={TRAIN_FILE}",
+        f"data.eval_file={EVAL_FILE}",
+        *extra,
+    ]
+
+
+def run_entrypoint(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m adl_llm.run ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "adl_llm.run", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
