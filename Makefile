@@ -8,9 +8,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0  # a CPU build on this kind of machine; any torch already in the venv is kept
 ARGS ?=
+NPROC ?= 1  # processes (GPUs) for make train: data-parallel through torchrun when > 1
 RUN := $(PY) -m adl_llm.run
 
-.PHONY: help venv demo test test-fast lint format eval clean
+.PHONY: help venv demo test test-fast lint format eval train chain curve beams compare reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +24,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## create .venv with adl-llm and its test tools (CPU torch if none is there)
 
-demo: venv  ## zero-shot and 3-shot perplexity of the embedded Gemma-3-270M on a slice of the public test set
+demo: venv  ## a short CPU QLoRA run of the embedded model, then zero-shot / 3-shot / fine-tuned perplexity
+	$(RUN) experiment=demo_train $(ARGS)
 	$(RUN) -m experiment=demo $(ARGS)
 
 test: venv  ## the whole test suite, as CI runs it (slow tests included)
@@ -40,6 +42,32 @@ format: venv  ## apply ruff's fixes and formatting
 
 eval: venv  ## course perplexity with the default model and prompt (task=eval)
 	$(RUN) task=eval $(ARGS)
+
+train: venv  ## QLoRA training with the report's settings, then the course perplexity; NPROC=2 for 2 GPUs
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m adl_llm.run,$(RUN)) \
+		task=train $(ARGS)
+
+chain: venv  ## the report's 1+1+3 stage chain as one multirun; a stage table at the sweep root
+	$(RUN) -m experiment=chain $(ARGS)
+
+curve: venv  ## the 1+1+1+1+1 learning curve; learning_curve.png and .csv at the sweep root
+	$(RUN) -m experiment=curve $(ARGS)
+
+# The newest adapter under outputs/ (a chain's last stage, a train run), unless ADAPTER=... is given.
+ADAPTER ?= $(shell ls -td outputs/reproduce/*/chain/*/adapter outputs/multirun/*/*/adapter outputs/runs/*/adapter \
+	2>/dev/null | head -1)
+NEED_ADAPTER = @test -n "$(ADAPTER)" || { echo "make $@: no adapter under outputs/: run make chain or pass ADAPTER=..."; exit 2; }
+
+beams: venv  ## beam sweep 1/3/5 of ADAPTER: chrF, BLEU, peak memory, speed; table and generation.png
+	$(NEED_ADAPTER)
+	$(RUN) -m task=generate gen.beams=1,3,5 adapter=$(ADAPTER) $(ARGS)
+
+compare: venv  ## zero-shot, 3-shot and QLoRA (ADAPTER) course perplexity, as one table
+	$(NEED_ADAPTER)
+	$(RUN) -m task=eval prompt=zero_shot,few_shot adapter=null,$(ADAPTER) $(ARGS)
+
+reproduce: venv  ## the whole study (chain, curve, compare, beams) and one report.md under outputs/reproduce/
+	$(PY) -m adl_llm.reproduce $(ARGS)
 
 clean:  ## remove outputs/ and caches (keeps .venv and the model cache)
 	rm -rf outputs/* .pytest_cache .ruff_cache

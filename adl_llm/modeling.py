@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from adl_llm.artifacts import replace_dir, write_json
 from adl_llm.config import DType, ModelConfig, Quant
 from adl_llm.embedded import embedded_model_dir, is_embedded
 from adl_llm.errors import ModelError
@@ -18,7 +21,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU of this process (under torchrun, the one of its local rank), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def weight_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -86,9 +90,18 @@ def load_adapter(model, adapter_dir: str, *, trainable: bool = False):
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     except RuntimeError as err:  # shape mismatches: the adapter belongs to another base model
-        raise ModelError(
-            f"adapter={adapter_dir}: does not fit this base model ({str(err).splitlines()[0]})"
-        ) from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise ModelError(f"adapter={adapter_dir}: does not fit this base model ({detail[:200]})") from None
+
+
+def save_adapter(model, folder: Path, info: dict) -> None:
+    """Save the PEFT adapter (safetensors) with `training.json` beside it, complete or not at all."""
+    work = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(str(work), safe_serialization=True)
+    write_json(work / "training.json", info)
+    replace_dir(work, folder)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -102,9 +115,7 @@ def _from_pretrained(auto_class, source: str, cfg: ModelConfig, **kwargs):
         )
     except OSError as err:
         if Path(source).is_dir():
-            raise ModelError(
-                f"{source}: cannot load {auto_class.__name__} ({str(err).splitlines()[0]})"
-            ) from None
+            raise ModelError(f"{source}: cannot load {auto_class.__name__} ({str(err).splitlines()[0]})") from None
         raise ModelError(
             f"model.name_or_path={cfg.name_or_path}: cannot be fetched from the Hugging Face hub "
             "(offline, or no such repository); pass a local model folder instead"

@@ -23,7 +23,7 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 64) and a one-character-per-token tokenizer over the test assets."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     sources = [TRAIN_FILE, EVAL_FILE, *sorted((PROJECT_ROOT / "conf" / "prompt").glob("*.yaml"))]
@@ -32,6 +32,7 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # decoded text is the characters themselves, so stop strings can match
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -47,6 +48,7 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<s>"],
         eos_token_id=vocab["</s>"],
+        initializer_range=0.2,  # wide enough that a LoRA can make the predictions confident within a few steps
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

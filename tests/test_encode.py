@@ -11,9 +11,7 @@ from adl_llm.encode import IGNORE, encode_examples
 from adl_llm.prompts import build_prompts
 from tests.conftest import compose_config
 
-SYSTEM = (
-    "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
-)
+SYSTEM = "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +34,7 @@ def test_golden_label_mask(tokenizer):
 def test_truncation_cuts_ids_and_labels_together(tokenizer):
     [example] = encode_examples(tokenizer, ["你是"], ["人工智慧"], max_length=5)
     assert len(example.input_ids) == len(example.labels) == 5 and example.truncated
-    assert example.labels[:3] == [IGNORE] * 3 and example.labels[3:] == tokenizer.convert_tokens_to_ids(
-        ["人", "工"]
-    )
+    assert example.labels[:3] == [IGNORE] * 3 and example.labels[3:] == tokenizer.convert_tokens_to_ids(["人", "工"])
 
 
 def test_seed_prompts_are_exact():

@@ -48,9 +48,7 @@ def test_batched_equals_plain_loop_at_every_batch_size(setup, max_length):
         assert sum(ex.truncated for ex in examples) > 2 and sum(not ex.n_scored for ex in examples) == 2
     expected = [reference_ppl(model, tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
     for batch_size in (1, 4, 7, 23):
-        got = perplexities(
-            model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=False
-        )
+        got = perplexities(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=False)
         for value, ref in zip(got, expected):
             assert (math.isnan(value) and math.isnan(ref)) or abs(value - ref) / ref < 1e-5, (
                 batch_size,

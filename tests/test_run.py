@@ -29,12 +29,8 @@ def test_task_eval_matches_an_independent_plain_loop(tiny_model_dir, tmp_path, p
     metrics = read_json(run_dir / "metrics.json")
 
     records = load_records(str(EVAL_FILE), need_outputs=True)
-    shots = (
-        few_shot_examples(load_records(str(TRAIN_FILE), need_outputs=True), 3) if prompt == "few_shot" else []
-    )
-    prompts = build_prompts(
-        [r.instruction for r in records], compose_config(f"prompt={prompt}").prompt, shots
-    )
+    shots = few_shot_examples(load_records(str(TRAIN_FILE), need_outputs=True), 3) if prompt == "few_shot" else []
+    prompts = build_prompts([r.instruction for r in records], compose_config(f"prompt={prompt}").prompt, shots)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     expected = [reference_ppl(model, tokenizer, p, r.output) for p, r in zip(prompts, records)]
@@ -47,21 +43,14 @@ def test_task_eval_matches_an_independent_plain_loop(tiny_model_dir, tmp_path, p
 
 
 def test_model_folder_that_does_not_exist_is_one_line(tmp_path):
-    result = run_entrypoint(
-        "task=eval", f"model.name_or_path={tmp_path}/missing", f"hydra.run.dir={tmp_path}/run"
-    )
+    result = run_entrypoint("task=eval", f"model.name_or_path={tmp_path}/missing", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == f"adl-llm: error: model.name_or_path={tmp_path}/missing: no such model folder"
-    )
+    assert result.stderr.strip() == f"adl-llm: error: model.name_or_path={tmp_path}/missing: no such model folder"
 
 
 def test_bad_data_is_one_line_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(
-        '[{"id": "a", "instruction": "x", "output": "y"}, {"id": "a", "instruction": "z", "output": "w"}]'
-    )
+    bad.write_text('[{"id": "a", "instruction": "x", "output": "y"}, {"id": "a", "instruction": "z", "output": "w"}]')
     result = run_entrypoint("task=eval", f"data.eval_file={bad}", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert result.stderr.strip() == f"adl-llm: error: {bad}: record 1: duplicate id 'a' (first at record 0)"
@@ -77,9 +66,7 @@ def test_embedded_model_from_its_packages_to_a_perplexity(tmp_path):
         "from adl_llm.embedded import embedded_model_dir as d; print(d('embedded:gemma3-270m'))",
     ]
     procs = [
-        subprocess.Popen(
-            build, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True
-        )
+        subprocess.Popen(build, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     folders = [proc.communicate(timeout=900)[0].strip() for proc in procs]
@@ -88,9 +75,7 @@ def test_embedded_model_from_its_packages_to_a_perplexity(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()) == ["gemma3-270m"]
 
     run_dir = tmp_path / "run"
-    result = run_entrypoint(
-        "task=eval", "data.n_eval=6", "eval.batch_size=3", f"hydra.run.dir={run_dir}", env=env
-    )
+    result = run_entrypoint("task=eval", "data.n_eval=6", "eval.batch_size=3", f"hydra.run.dir={run_dir}", env=env)
     assert result.returncode == 0, result.stderr
     metrics = read_json(run_dir / "metrics.json")
     assert len(metrics["perplexities"]) == 6

@@ -1,0 +1,119 @@
+"""Training checkpoints: everything needed to continue exactly, written atomically, safetensors and JSON only.
+
+A checkpoint is `checkpoints/step-NNNNNN/` holding the adapter weights and the optimiser state (safetensors),
+and `state.json` (the position in the data, the loss history, the scheduler and the optimiser's non-tensor
+state). Random state needs no file: training reseeds every step from (seed, step, rank), see train.py.
+It is assembled under a temporary name and renamed into place, so a kill
+during a save leaves the previous checkpoint as the latest complete one. Nothing here is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adl_llm.artifacts import replace_dir
+from adl_llm.errors import UserError
+
+PREFIX = "step-"
+STATE_FILE = "state.json"  # written last: a folder without it is not a checkpoint
+
+
+@dataclass
+class TrainState:
+    """Where training stands, after `global_step` optimiser steps."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimiser steps done inside `epoch`
+    losses: list[float] = field(default_factory=list)  # one per optimiser step
+    tokens: int = 0  # input tokens seen
+    seconds: float = 0.0  # training time so far, across resumptions
+    fingerprint: str = ""  # of the settings that shape the result; resuming under others is refused
+
+
+def save_checkpoint(folder: Path, state: TrainState, adapter: dict, optimizer, scheduler, keep: int) -> Path:
+    """Write a checkpoint for `state.global_step` under `folder`, then keep only the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{state.global_step:06d}"
+    work = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, work / "adapter.safetensors")
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+    save_file(optimizer_tensors, work / "optimizer.safetensors")
+    payload = {"train": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta}
+    with open(work / STATE_FILE, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    replace_dir(work, final)
+    for old in complete_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints under `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def load_checkpoint(
+    path: Path, optimizer, scheduler, device: torch.device, fingerprint: str
+) -> tuple[TrainState, dict]:
+    """Restore the optimiser and scheduler from `path`; return the training state and adapter weights.
+
+    A checkpoint written under other training settings (another `fingerprint`) is refused.
+    """
+    payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    state = TrainState(**payload["train"])
+    if state.fingerprint != fingerprint:
+        raise UserError(
+            f"{path} was written with other training settings; resume it with the same config, "
+            "or start over with train.resume=never"
+        )
+    optimizer_tensors = load_file(path / "optimizer.safetensors", device=str(device))
+    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, payload["optimizer"]))
+    scheduler.load_state_dict(payload["scheduler"])
+    return state, load_file(path / "adapter.safetensors", device=str(device))
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors to safetensors, everything else (param groups, integer steps, nesting) to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        str(param_id): _split(entries, str(param_id), tensors) for param_id, entries in state_dict["state"].items()
+    }
+    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def _split(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if torch.is_tensor(value):
+        tensors[key] = value.detach().contiguous().cpu()
+        return {"tensor": key}
+    if isinstance(value, dict):  # bitsandbytes nests its 8-bit state one level down
+        return {"dict": {name: _split(v, f"{key}.{name}", tensors) for name, v in value.items()}}
+    return {"value": value}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state = {int(param_id): _join(entries, tensors) for param_id, entries in meta["state"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _join(node: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {name: _join(child, tensors) for name, child in node["dict"].items()}
+    return node["value"]

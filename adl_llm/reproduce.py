@@ -1,0 +1,71 @@
+"""The whole seed-report study in one command, with one report.md at the end.
+
+    python -m adl_llm.reproduce [overrides...]      (make reproduce ARGS="...")
+
+Four sweeps, each an ordinary multirun of the entrypoint in a subprocess, under outputs/reproduce/<time>/:
+chain (1+1+3 stages), curve (1+1+1+1+1), compare (zero-shot and 3-shot, without and with the chain's final
+adapter) and beams (beams 1, 3 and 5 with the chain's adapter, the report's sampling otherwise). The overrides
+given are passed to every sweep, so `model=taiwan_llama_7b` runs the study on the report's model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from adl_llm.artifacts import write_text
+from adl_llm.config import PROJECT_ROOT
+from adl_llm.report import write_summary
+
+STEPS = [
+    ("chain", "The 1+1+3 stage chain", ["experiment=chain"]),
+    ("curve", "Learning curve (1+1+1+1+1)", ["experiment=curve"]),
+    ("compare", "Prompting baselines and QLoRA", ["task=eval", "prompt=zero_shot,few_shot", "adapter=null,{adapter}"]),
+    ("beams", "Decoding: beams 1, 3, 5", ["task=generate", "gen.beams=1,3,5", "adapter={adapter}"]),
+]
+PLOTS = {"curve": "learning_curve.png", "beams": "generation.png"}
+
+
+def reproduce(root: Path, overrides: list[str]) -> Path:
+    """Run the four sweeps under `root`; write and return root/report.md."""
+    adapter = root / "chain" / "2" / "adapter"
+    sections = []
+    for name, title, args in STEPS:
+        sweep = root / name
+        command = [sys.executable, "-m", "adl_llm.run", "-m", *(a.format(adapter=adapter) for a in args), *overrides]
+        command.append(f"hydra.sweep.dir={sweep}")
+        print(f"\n== {title}: {' '.join(command[2:])}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.run(command, cwd=PROJECT_ROOT).returncode
+        table = write_summary(sweep) if sweep.is_dir() else ""
+        plot = PLOTS.get(name) if (sweep / PLOTS.get(name, "-")).is_file() else None
+        sections.append(_section(title, command, table, plot and f"{name}/{plot}", time.perf_counter() - started))
+        write_text(root / "report.md", _report(overrides, sections))
+        if code != 0 and name == "chain":
+            print(f"adl-llm: error: the chain failed (exit {code}); the steps that need its adapter are skipped")
+            break
+    return root / "report.md"
+
+
+def _section(title: str, command: list[str], table: str, plot: str | None, seconds: float) -> str:
+    lines = [f"## {title}", "", f"`{' '.join(['python', *command[1:]])}` ({seconds / 60:.1f} min)", "", table]
+    if plot:
+        lines += [f"![{title}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _report(overrides: list[str], sections: list[str]) -> str:
+    head = ["# adl-llm: the seed report's study", "", f"Overrides: `{' '.join(overrides) or '(none)'}`", ""]
+    return "\n".join(head + sections)
+
+
+def main() -> None:
+    root = PROJECT_ROOT / "outputs" / "reproduce" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    report = reproduce(root, sys.argv[1:])
+    print(f"\n{report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""QLoRA training on the tiny model: what trains, the loss, accumulation, chains, checkpoints and resume."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from adl_llm.checkpoint import complete_checkpoints
+from adl_llm.config import PROJECT_ROOT, DType, ModelConfig, Quant
+from adl_llm.data import load_records
+from adl_llm.encode import encode_examples
+from adl_llm.errors import UserError
+from adl_llm.evaluate import perplexities
+from adl_llm.modeling import load_model
+from adl_llm.prompts import build_prompts
+from adl_llm.train import accumulate_gradients, add_lora, split_step, train
+from tests.conftest import TRAIN_FILE, compose_config, read_json, run_entrypoint, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _examples(tokenizer, n: int):
+    records = load_records(str(TRAIN_FILE), need_outputs=True, limit=n)
+    prompts = build_prompts([r.instruction for r in records], compose_config().prompt)
+    return encode_examples(tokenizer, prompts, [r.output for r in records], 2048)
+
+
+def _model(tiny_model_dir, quant: Quant = Quant.none, seed: int = 0, **lora):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant=quant, dtype=DType.float32)
+    model = load_model(cfg, torch.device("cpu"))
+    torch.manual_seed(seed)
+    return add_lora(model, compose_config(*(f"lora.{k}={v}" for k, v in lora.items())).lora)
+
+
+def _train(model, examples, tmp_path, *overrides):
+    cfg = compose_config(*overrides, output_dir=tmp_path)
+    return train(model, examples, cfg, tmp_path, pad_id=0)
+
+
+def _adapter(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_nf4_base_stays_frozen_while_the_adapter_learns(tiny_model_dir, tokenizer, tmp_path):
+    model = _model(tiny_model_dir, Quant.nf4)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapter_before = _adapter(model)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    _train(model, _examples(tokenizer, 8), tmp_path, "train.batch_size=4", "train.grad_accum=2", "optim.lr=1e-2")
+    for name, value in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(value, frozen_before[name]), name
+    changed = [n for n, v in _adapter(model).items() if not torch.equal(v, adapter_before[n])]
+    assert len(changed) == len(adapter_before)  # every A and B of q and v in both layers
+
+
+def test_evaluate_then_train_still_trains_under_cpu_nf4(tiny_model_dir, tokenizer, tmp_path):
+    """bitsandbytes repacks NF4 weights for CPU inference after an eval-mode no-grad forward; LoRA must still learn."""
+    model = _model(tiny_model_dir, Quant.nf4)
+    examples = _examples(tokenizer, 8)
+    perplexities(model, examples, batch_size=4, pad_id=0, progress=False)
+    adapter_before = _adapter(model)
+    _train(model, examples, tmp_path, "train.batch_size=4", "train.micro_batch_size=4", "optim.lr=1e-2")
+    assert all(not torch.equal(v, adapter_before[n]) for n, v in _adapter(model).items())
+
+
+def test_fitting_16_records_lowers_their_loss_and_perplexity(tiny_model_dir, tokenizer, tmp_path):
+    model = _model(tiny_model_dir)
+    examples = _examples(tokenizer, 16)
+    before = perplexities(model, examples, batch_size=8, pad_id=0, progress=False)
+    state = _train(
+        model, examples, tmp_path, "train.epochs=15", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=3e-2"
+    )
+    after = perplexities(model, examples, batch_size=8, pad_id=0, progress=False)
+    assert state.global_step == 30 and len(state.losses) == 30
+    assert sum(state.losses[-4:]) / 4 < 0.8 * sum(state.losses[:4]) / 4
+    assert sum(after) / len(after) < 0.5 * sum(before) / len(before)
+
+
+def test_two_by_eight_accumulates_the_gradient_of_sixteen_by_one(tiny_model_dir, tokenizer):
+    """The loss is normalised over the tokens of the whole effective batch, however the batch is split."""
+    examples = _examples(tokenizer, 16)
+    results = []
+    splits = [[examples[i : i + micro] for i in range(0, 16, micro)] for micro in (2, 16, 5)]  # 2x8, 16x1, 5+5+5+1
+    auto = compose_config("train.micro_batch_tokens=300").train
+    splits.append(split_step(examples, auto, 300))  # the default: passes of similar length under a token budget
+    assert len(splits[-1]) > 2 and sorted(id(ex) for p in splits[-1] for ex in p) == sorted(map(id, examples))
+    for passes in splits:
+        model = _model(tiny_model_dir, seed=3, lora_dropout=0.0)  # dropout off: its masks draw randomness
+        torch.manual_seed(4)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would leave A without a gradient
+                param.data.normal_(std=0.1)
+        model.train()
+        n_scored = sum(ex.n_scored for ex in examples)
+        loss, tokens = accumulate_gradients(model, passes, n_scored, pad_id=0, device=torch.device("cpu"))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss, tokens, grads))
+    loss, tokens, grads = results[0]
+    assert len(grads) == 8 and all(g.abs().max() > 0 for g in grads.values())
+    for other_loss, other_tokens, other_grads in results[1:]:
+        assert other_loss == pytest.approx(loss, rel=1e-6) and other_tokens == tokens
+        for name, grad in grads.items():  # float32 rounding is ~1e-6; a per-micro-batch mean is off by ~1e-2
+            assert (grad - other_grads[name]).norm() / grad.norm() < 1e-5, name
+
+
+@pytest.mark.slow
+def test_chain_multirun_starts_each_stage_from_the_one_before(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = tiny_overrides(tiny_model_dir, "task=train", "data.n_train=16", "train.init_from=previous")
+    result = run_entrypoint("-m", *args, "train.epochs=1,1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    assert all((sweep / job / "adapter" / "adapter_model.safetensors").is_file() for job in ("0", "1"))
+    stage2 = read_json(sweep / "1" / "adapter" / "training.json")
+    assert stage2["cumulative_epochs"] == 2 and [s["run_dir"] for s in stage2["stages"]] == [str(sweep / "0")] + [
+        str(sweep / "1")
+    ]
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    header = summary[0].split(",")
+    assert len(summary) == 3 and {"cum_epochs", "train_loss", "ppl"} <= set(header)
+    assert [row.split(",")[header.index("cum_epochs")] for row in summary[1:]] == ["1", "2"]
+
+    # Weight-level check: a second stage with a vanishing learning rate ends where the first one ended.
+    sweep2 = tmp_path / "sweep2"
+    result = run_entrypoint("-m", *args, "optim.lr=3e-2,1e-12", f"hydra.sweep.dir={sweep2}")
+    assert result.returncode == 0, result.stderr
+    first, second = (load_file(sweep2 / job / "adapter" / "adapter_model.safetensors") for job in ("0", "1"))
+    assert any(v.abs().max() > 1e-3 for k, v in first.items() if "lora_B" in k)  # stage 1 moved B off zero
+    assert all(torch.allclose(first[k], second[k], atol=1e-8) for k in first)
+
+
+@pytest.mark.slow
+def test_chain_refuses_a_missing_previous_adapter(tiny_model_dir, tmp_path):
+    args = tiny_overrides(tiny_model_dir, "task=train", "data.n_train=8", "train.init_from=previous")
+    result = run_entrypoint(*args, f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2 and "chains the jobs of a multirun" in result.stderr
+
+
+@pytest.mark.slow
+def test_saved_adapter_reproduces_the_runs_perplexity(tiny_model_dir, tmp_path):
+    args = tiny_overrides(tiny_model_dir, "data.n_train=16", "train.epochs=2", "optim.lr=1e-2")
+    assert run_entrypoint(*args, "task=train", f"hydra.run.dir={tmp_path}/train").returncode == 0
+    result = run_entrypoint(*args, "task=eval", f"adapter={tmp_path}/train/adapter", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr
+    trained, reloaded = read_json(tmp_path / "train/metrics.json"), read_json(tmp_path / "eval/metrics.json")
+    assert reloaded["perplexities"] == pytest.approx(trained["perplexities"], rel=1e-5)
+
+
+def _train_command(model_dir, run_dir, *extra: str) -> list[str]:
+    args = tiny_overrides(model_dir, "task=train", "train.epochs=10", "train.batch_size=4", "train.grad_accum=2")
+    return [sys.executable, "-m", "adl_llm.run", *args, "train.save_every=1", f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+    straight = subprocess.run(_train_command(tiny_model_dir, tmp_path / "straight"), cwd=PROJECT_ROOT)
+    assert straight.returncode == 0
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_command(tiny_model_dir, run_dir), cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step-000004").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "adapter").exists()
+    steps_done = int(complete_checkpoints(run_dir / "checkpoints")[-1].name.removeprefix("step-"))
+    assert 4 <= steps_done < 100
+
+    resumed = subprocess.run(_train_command(tiny_model_dir, run_dir, "train.resume=auto"), cwd=PROJECT_ROOT)
+    assert resumed.returncode == 0
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        read_json(run_dir / "metrics.json")["train/losses"]
+        == read_json(tmp_path / "straight/metrics.json")["train/losses"]
+    )
+
+
+def test_partial_checkpoint_is_ignored_and_other_settings_are_refused(tiny_model_dir, tokenizer, tmp_path):
+    """A kill during a save leaves a temporary folder: resume takes the last complete checkpoint instead."""
+    examples = _examples(tokenizer, 8)
+    settings = ("train.max_steps=3", "train.grad_accum=2", "train.save_every=1", "train.keep_checkpoints=5")
+    straight = _train(_model(tiny_model_dir), examples, tmp_path / "straight", *settings)
+
+    run_dir = tmp_path / "interrupted"
+    _train(_model(tiny_model_dir), examples, run_dir, *settings)
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step-000003")  # the process died while writing step 3
+    partial = checkpoints / ".step-000003.tmp-999"
+    partial.mkdir()
+    (partial / "adapter.safetensors").write_bytes(b"half-written")
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-000001", "step-000002"]
+
+    resumed = _train(_model(tiny_model_dir), examples, run_dir, *settings)
+    assert resumed.global_step == 3 and resumed.losses == straight.losses
+
+    with pytest.raises(UserError, match="other training settings"):
+        _train(_model(tiny_model_dir), examples, run_dir, *settings, "optim.lr=1.0")
