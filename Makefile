@@ -11,7 +11,7 @@ ARGS ?=
 NPROC ?= 1  # processes (GPUs) for make train: data-parallel through torchrun when > 1
 RUN := $(PY) -m adl_llm.run
 
-.PHONY: help venv demo test test-fast lint format eval train chain curve beams compare reproduce clean
+.PHONY: help venv demo test test-fast lint format eval train chain curve beams compare reproduce bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,12 @@ compare: venv  ## zero-shot, 3-shot and QLoRA (ADAPTER) course perplexity, as on
 
 reproduce: venv  ## the whole study (chain, curve, compare, beams) and one report.md under outputs/reproduce/
 	$(PY) -m adl_llm.reproduce $(ARGS)
+
+bench: venv  ## on a GPU: seed-style loops against adl-llm, embedded model and a random Llama-2-7B (docs/BENCHMARKS.md)
+	$(PY) -u -m bench.run --model embedded --out outputs/bench $(ARGS)
+	test -d outputs/llama7b || $(PY) -m bench.build_llama7b outputs/llama7b
+	$(PY) -u -m bench.run --model llama7b --model-path outputs/llama7b --out outputs/bench $(ARGS)
+	$(PY) -m bench.report outputs/bench
 
 clean:  ## remove outputs/ and caches (keeps .venv and the model cache)
 	rm -rf outputs/* .pytest_cache .ruff_cache

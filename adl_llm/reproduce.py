@@ -28,10 +28,10 @@ STEPS = [
 PLOTS = {"curve": "learning_curve.png", "beams": "generation.png"}
 
 
-def reproduce(root: Path, overrides: list[str]) -> Path:
-    """Run the four sweeps under `root`; write and return root/report.md."""
+def reproduce(root: Path, overrides: list[str]) -> list[str]:
+    """Run the four sweeps under `root` and write root/report.md; return the names of the sweeps that failed."""
     adapter = root / "chain" / "2" / "adapter"
-    sections = []
+    sections, failed = [], []
     for name, title, args in STEPS:
         sweep = root / name
         command = [sys.executable, "-m", "adl_llm.run", "-m", *(a.format(adapter=adapter) for a in args), *overrides]
@@ -43,10 +43,12 @@ def reproduce(root: Path, overrides: list[str]) -> Path:
         plot = PLOTS.get(name) if (sweep / PLOTS.get(name, "-")).is_file() else None
         sections.append(_section(title, command, table, plot and f"{name}/{plot}", time.perf_counter() - started))
         write_text(root / "report.md", _report(overrides, sections))
-        if code != 0 and name == "chain":
-            print(f"adl-llm: error: the chain failed (exit {code}); the steps that need its adapter are skipped")
-            break
-    return root / "report.md"
+        if code != 0:
+            failed.append(name)
+            if name == "chain":
+                print(f"adl-llm: error: the chain failed (exit {code}); the steps that need its adapter are skipped")
+                break
+    return failed
 
 
 def _section(title: str, command: list[str], table: str, plot: str | None, seconds: float) -> str:
@@ -63,8 +65,11 @@ def _report(overrides: list[str], sections: list[str]) -> str:
 
 def main() -> None:
     root = PROJECT_ROOT / "outputs" / "reproduce" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    report = reproduce(root, sys.argv[1:])
-    print(f"\n{report}")
+    failed = reproduce(root, sys.argv[1:])
+    print(f"\n{root / 'report.md'}")
+    if failed:
+        print(f"adl-llm: error: failed sweeps: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -243,8 +243,11 @@ def accumulate_gradients(
 def _tensorboard(run_dir: Path):
     if not is_main():
         return None
-    from torch.utils.tensorboard import SummaryWriter
-
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # a hand-made environment without the tensorboard package: train all the same
+        log.warning("the tensorboard package is missing: no TensorBoard logs (the loss is in metrics.json)")
+        return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

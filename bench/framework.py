@@ -1,0 +1,109 @@
+"""adl-llm's own paths, called as `adl_llm.tasks` calls them, timed and measured like the baselines.
+
+The config is the real `conf/` composed through Hydra's compose API, so "default" means whatever `train.*`
+and `gen.*` default to in this checkout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from adl_llm.config import PROJECT_ROOT, Config, to_typed
+from adl_llm.encode import Encoded
+from bench import measure
+
+log = logging.getLogger(__name__)
+
+
+def compose(*overrides: str, output_dir: Path | str = "unused") -> Config:
+    """The real conf/ with `overrides`, checked and typed as the entrypoint does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        raw = hydra_compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
+    return to_typed(raw)
+
+
+def train_framework(
+    model_path: str, examples: Sequence[Encoded], steps: int, *overrides: str, work_dir: Path, pad_id: int
+) -> dict:
+    """`steps` optimiser steps of `adl_llm.train.train` from a fresh adapter, as `run_train` sets it up."""
+    from transformers import set_seed
+
+    from adl_llm.modeling import load_model
+    from adl_llm.train import add_lora, train
+
+    cfg = compose(
+        f"model.name_or_path={model_path}",
+        f"train.max_steps={steps}",
+        "train.save_every=0",  # one checkpoint at the end, outside the timed steps
+        "train.resume=never",
+        *overrides,
+        output_dir=work_dir,
+    )
+    measure.reset_peak()
+    set_seed(cfg.seed)
+    model = add_lora(load_model(cfg.model), cfg.lora)
+    messages = _LogCollector("adl_llm.train")  # what the trainer decided (pass sizes, checkpointing)
+    started = measure.now()
+    try:
+        state = train(model, examples, cfg, Path(work_dir), pad_id)
+    finally:
+        messages.detach()
+    wall = measure.now() - started
+    memory = measure.peak()
+    del model
+    measure.free()
+    return {
+        "steps": state.global_step,
+        "losses": state.losses[:50],
+        "tokens": state.tokens,
+        "seconds": state.seconds,
+        "wall_seconds": wall,
+        "tokens_per_s": state.tokens / state.seconds,
+        "seconds_per_step": state.seconds / state.global_step,
+        **memory,
+        "settings": {"overrides": list(overrides), "train": dataclasses.asdict(cfg.train), "lora": cfg.lora},
+        "log": messages.messages,
+    }
+
+
+class _LogCollector(logging.Handler):
+    """Keeps the INFO-and-above messages of one logger while attached."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger(name)
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def detach(self) -> None:
+        self.logger.removeHandler(self)
+
+
+def ppl_framework(model, examples: Sequence[Encoded], *, batch_size: int, pad_id: int) -> tuple[list[float], float]:
+    """`adl_llm.evaluate.perplexities`: per-example values and the seconds it took."""
+    from adl_llm.evaluate import perplexities
+
+    started = measure.now()
+    values = perplexities(model, examples, batch_size=batch_size, pad_id=pad_id, progress=False)
+    return values, measure.now() - started
+
+
+def generate_framework(model, tokenizer, prompts: Sequence[str], gen) -> dict:
+    """`adl_llm.generate.generate_texts`: batched, left-padded decoding with the settings of `gen`."""
+    from adl_llm.generate import generate_texts
+
+    measure.reset_peak()
+    started = measure.now()
+    texts = generate_texts(model, tokenizer, prompts, gen, progress=False)
+    seconds = measure.now() - started
+    return {"texts": texts, "seconds": seconds, "examples_per_s": len(prompts) / seconds, **measure.peak()}

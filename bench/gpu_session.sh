@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The measurements of docs/BENCHMARKS.md and the README's results, on a lent GPU machine that has torch,
+# transformers and peft but not the rest (../shared/device/README.md). Before it, the GGUF of the embedded model
+# is staged in parts under /tmp/stage (../shared/device/stage_model.sh) and the wheels travel as .whl/.
+#   bash bench/gpu_session.sh setup reproduce       # the seed study on GPU 0 -> $OUT/outputs/reproduce
+#   bash bench/gpu_session.sh setup bench ddp        # speed: seed-style vs adl-llm; 1 vs 2 GPUs
+#   bash bench/gpu_session.sh setup bench7b          # speed and memory on a random-weight Llama-2-7B shape
+# Everything it writes goes under $OUT (default outputs/gpu), which is what comes back from the machine.
+set -euo pipefail
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:. ADL_LLM_CACHE=/tmp/adl_cache PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the machine's rule
+PY=python3
+
+setup() {
+  test -d /tmp/site || $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  local model=$ADL_LLM_CACHE/models/gemma3-270m
+  if [ ! -f "$model/adl_llm_embedded.json" ]; then
+    cat /tmp/stage/p? > /tmp/gemma.gguf
+    $PY -m bench.build_gemma /tmp/gemma.gguf "$model"
+    echo '{"source": "staged GGUF, bench/build_gemma.py"}' > "$model/adl_llm_embedded.json"
+  fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/cards.txt"
+  $PY -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee "$OUT/versions.txt"
+}
+
+reproduce() {  # the chain, the curve, the comparison and the beam sweep, on one card
+  rm -rf outputs/reproduce && mkdir -p "$OUT/reproduce" && ln -sfn "$(realpath "$OUT/reproduce")" outputs/reproduce
+  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.reproduce train.save_every=0 2>&1 | tr '\r' '\n' | grep -v "%|" \
+    > "$OUT/reproduce.log" || true
+  find "$OUT/reproduce" -type d -name checkpoints -prune -exec rm -rf {} +  # megabytes that need not come back
+  tail -n 60 "$OUT/reproduce.log"
+}
+
+bench() {  # the embedded model: seed-style loops against adl-llm, in one process on GPU 0
+  CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model embedded --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
+    --train-steps 50 --n-gen 8 --out "$OUT/bench" 2>&1 | tr '\r' '\n' | grep -v "%|" > "$OUT/bench-embedded.log" || true
+  tail -n 40 "$OUT/bench-embedded.log"
+}
+
+beams() {  # the beam sweep of ADAPTER (default: the base model) with the report's sampling
+  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run -m task=generate gen.beams=1,3,5 adapter="${ADAPTER:-null}" \
+    hydra.sweep.dir="$OUT/beams" 2>&1 | tr '\r' '\n' | grep -v "%|" > "$OUT/beams.log" || true
+  cat "$OUT/beams/summary.md"
+}
+
+ddp() {  # training tokens/s on 1 and 2 GPUs over the first 60 steps of the 3000 records, the same global batch
+  local args=(task=train train.max_steps=60 data.n_eval=16 train.save_every=0)
+  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${args[@]}" hydra.run.dir="$OUT/ddp/1gpu" > "$OUT/ddp-1gpu.log" 2>&1 || true
+  $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m adl_llm.run "${args[@]}" \
+    hydra.run.dir="$OUT/ddp/2gpu" > "$OUT/ddp-2gpu.log" 2>&1 || true
+  rm -rf "$OUT"/ddp/*/adapter "$OUT"/ddp/*/checkpoints
+  grep -h '"train/tokens_per_s"\|"train/seconds_per_epoch"\|"mean_perplexity"' "$OUT"/ddp/*/metrics.json || tail "$OUT"/ddp-*.log
+}
+
+bench7b() {  # a random-weight Llama-2-7B shape: speed and memory only
+  test -d /tmp/llama7b || $PY -m bench.build_llama7b /tmp/llama7b
+  CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model llama7b --model-path /tmp/llama7b --train-steps 10 --n-eval 100 --n-gen 4 \
+    --out "$OUT/bench" 2>&1 | tr '\r' '\n' | grep -v "%|" > "$OUT/bench-llama7b.log" || true
+  tail -n 40 "$OUT/bench-llama7b.log"
+}
+
+for part in "$@"; do
+  echo "== $part $(date +%T)"
+  "$part"
+done
+echo "== done $(date +%T)"

@@ -1,0 +1,208 @@
+"""Markdown tables for docs/BENCHMARKS.md from the JSON files of `bench.run`, printed to stdout.
+
+    python -m bench.report results/embedded.json results/llama7b.json
+    python -m bench.report results/            # every *.json there; parts of one model from several runs merge
+
+Every table sets a seed-style baseline beside adl-llm; "ratio" is adl-llm / baseline, so above 1 is better
+for speeds and below 1 is better for times and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PARTS = ("train", "ppl", "gen")
+
+
+LEGEND = "ratio = adl-llm / baseline: above 1 is better for speeds, below 1 is better for times and memory."
+
+
+def load(paths: list[Path]) -> list[dict]:
+    """Results per model and card, in first-seen order; a later file's parts replace an earlier file's.
+
+    Figures from different cards never merge: each (model, card) pair is its own block.
+    """
+    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    merged: dict[tuple[str, str], dict] = {}
+    for file in files:
+        result = json.loads(file.read_text(encoding="utf-8"))
+        merged.setdefault((result["model"], result.get("card", "?")), {}).update(result)
+    return list(merged.values())
+
+
+def render(results: list[dict]) -> str:
+    blocks = [LEGEND, _summary(results)]
+    for result in results:
+        head = f"### {result['model']} ({result.get('model_path')}) on {result.get('card')}"
+        blocks.append("\n\n".join([head, *(_section(part, result[part]) for part in PARTS if part in result)]))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _summary(results: list[dict]) -> str:
+    """One row per model and card: the headline figure of each part as `baseline -> adl-llm (ratio)`."""
+    header = ["model", "card", "training tokens/s", "training peak GiB", "ppl seconds", "generation ex/s by beams"]
+    rows = []
+    for result in results:
+        train, ppl, gen = (_ok(result.get(part)) for part in PARTS)
+        base, fw = train.get("baseline", {}), train.get("framework", {})
+        beams = [(k.removeprefix("beams"), v) for k, v in gen.items() if k.startswith("beams") and "error" not in v]
+        rows.append(
+            [
+                result["model"],
+                str(result.get("card")),
+                _arrow(base.get("tokens_per_s"), fw.get("tokens_per_s"), "{:,.0f}"),
+                _arrow(base.get("peak_alloc_gib"), fw.get("peak_alloc_gib"), "{:.1f}"),
+                _arrow(ppl.get("baseline", {}).get("seconds"), ppl.get("framework", {}).get("seconds"), "{:.1f}"),
+                "; ".join(
+                    f"{b}: " + _arrow(v["baseline"]["examples_per_s"], v["framework"]["examples_per_s"], "{:.2f}")
+                    for b, v in beams
+                ),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _ok(data: dict | None) -> dict:
+    return data if data and "error" not in data and "skipped" not in data else {}
+
+
+def _arrow(base, fw, fmt: str) -> str:
+    if base is None or fw is None:
+        return "n/a"
+    return f"{fmt.format(base)} -> {fmt.format(fw)} ({_ratio(fw, base)})"
+
+
+def _section(part: str, data: dict) -> str:
+    if "error" in data:
+        return f"{part}: failed ({data['error']})"
+    if "skipped" in data:
+        return f"{part}: skipped ({data['skipped']})"
+    return {"train": _train, "ppl": _ppl, "gen": _gen}[part](data)
+
+
+def _train(data: dict) -> str:
+    runs = [("HF Trainer (seed)", data.get("baseline", {})), ("adl-llm default", data.get("framework", {}))]
+    ablation = data.get("framework_2x8", {})
+    if "same_as" not in ablation:
+        runs.append(("adl-llm 2x8", ablation))
+    base = runs[0][1]
+    header = ["figure", runs[0][0]]
+    for name, _ in runs[1:]:
+        header += [name, "ratio"]
+    rows = []
+    for label, key, fmt in (
+        ("tokens/s", "tokens_per_s", "{:,.0f}"),
+        ("s / optimiser step", "seconds_per_step", "{:.2f}"),
+        ("peak allocated GiB", "peak_alloc_gib", "{:.2f}"),
+        ("peak reserved GiB", "peak_reserved_gib", "{:.2f}"),
+    ):
+        row = [label, _fmt(base.get(key), fmt)]
+        for _, run in runs[1:]:
+            row += [_fmt(run.get(key), fmt), _ratio(run.get(key), base.get(key))]
+        rows.append(row)
+    rows.append(["split, checkpointing", _split(base), *[x for _, r in runs[1:] for x in (_split(r), "")]])
+    errors = [f"{name}: failed ({run['error']})" for name, run in runs if "error" in run]
+    steps = base.get("steps") or data.get("framework", {}).get("steps")
+    note = f"{steps} optimiser steps of 16 examples (mean {data.get('mean_example_tokens', 0):.0f} tokens each)"
+    if "same_as" in ablation:
+        note += "; adl-llm's defaults are the 2 x 8 split"
+    return "\n\n".join(["Training: " + note, _table(header, rows), _losses(runs), *errors])
+
+
+def _losses(runs: list[tuple[str, dict]]) -> str:
+    curves = [(name, run.get("losses") or []) for name, run in runs]
+    n = max(len(c) for _, c in curves)
+    if not n:
+        return "(no losses)"
+    every = max(1, n // 10)
+    steps = sorted({1, n, *range(every, n + 1, every)})
+    rows = [[str(s), *(_fmt(c[s - 1] if s <= len(c) else None, "{:.4f}") for _, c in curves)] for s in steps]
+    return _table(["step", *(f"loss, {name}" for name, _ in curves)], rows)
+
+
+def _split(run: dict) -> str:
+    settings = run.get("settings") or {}
+    train = settings.get("train") or settings
+    if "micro_batch_size" not in train:
+        return ""
+    checkpointing = "on" if train.get("gradient_checkpointing") else "off"
+    if train["micro_batch_size"] or train["grad_accum"]:
+        return f"{train['micro_batch_size'] or '?'} x {train['grad_accum'] or '?'}, {checkpointing}"
+    return f"by length, {train.get('micro_batch_tokens') or 'auto'} tokens/pass, {checkpointing}"
+
+
+def _ppl(data: dict) -> str:
+    base, fw = data["baseline"], data["framework"]
+    n = data["n_examples"]
+    header = ["figure", "course ppl.py (batch 1)", f"adl-llm (batch {fw.get('batch_size')})", "ratio"]
+    speed = {"examples_per_s": n / base["seconds"]}, {"examples_per_s": n / fw["seconds"]}
+    rows = [
+        _pair_row("seconds", base, fw, "seconds", "{:.2f}"),
+        _pair_row("examples/s", *speed, "examples_per_s", "{:.1f}"),
+        [*_pair_row("mean ppl", base, fw, "mean_ppl", "{:.4f}")[:3], ""],
+        _pair_row("peak allocated GiB", base, fw, "peak_alloc_gib", "{:.2f}"),
+        _pair_row("peak reserved GiB", base, fw, "peak_reserved_gib", "{:.2f}"),
+    ]
+    note = (
+        f"Perplexity of {n} public-test examples (mean {data['mean_example_tokens']:.0f} tokens): largest relative "
+        f"difference of one example's ppl {data['max_rel_diff']:.2e}, of the mean {data['mean_rel_diff']:.2e}"
+    )
+    return note + "\n\n" + _table(header, rows)
+
+
+def _pair_row(label: str, base: dict, fw: dict, key: str, fmt: str) -> list[str]:
+    return [label, _fmt(base.get(key), fmt), _fmt(fw.get(key), fmt), _ratio(fw.get(key), base.get(key))]
+
+
+def _gen(data: dict) -> str:
+    header = ["beams", "batch-1 ex/s", "adl-llm ex/s", "ratio", "batch-1 peak GiB", "adl-llm peak GiB", "same text"]
+    rows, settings = [], {}
+    for key, run in data.items():
+        if not key.startswith("beams"):
+            continue
+        if "error" in run:
+            rows.append([key.removeprefix("beams"), f"failed: {run['error']}", "", "", "", "", ""])
+            continue
+        base, fw, settings = run["baseline"], run["framework"], run["settings"]
+        rows.append(
+            [
+                str(settings["beams"]),
+                _fmt(base["examples_per_s"], "{:.2f}"),
+                _fmt(fw["examples_per_s"], "{:.2f}"),
+                _ratio(fw["examples_per_s"], base["examples_per_s"]),
+                _fmt(base.get("peak_alloc_gib"), "{:.2f}"),
+                _fmt(fw.get("peak_alloc_gib"), "{:.2f}"),
+                f"{run['same_text']}/{data['n_prompts']}",
+            ]
+        )
+    note = (
+        f"Generation of {data.get('n_prompts')} public-test prompts, up to {settings.get('max_new_tokens')} new "
+        f"tokens, no sampling, adl-llm batch {settings.get('batch_size')}"
+    )
+    return note + "\n\n" + _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _ratio(value, base) -> str:
+    return "" if value is None or not base else f"{value / base:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="JSON files of bench.run, or folders holding them")
+    print(render(load(parser.parse_args().paths)), end="")
+
+
+if __name__ == "__main__":
+    main()
