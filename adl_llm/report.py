@@ -67,9 +67,10 @@ def _status(job: Path, metrics: dict) -> str:
     return "ok" if metrics else "unfinished"
 
 
-def write_summary(sweep_dir: Path) -> str:
-    """Write summary.csv and summary.md in `sweep_dir`; return the Markdown table."""
-    rows = job_rows(sweep_dir)
+def write_summary(sweep_dir: Path, rows: list[dict[str, Any]] | None = None) -> str:
+    """Write summary.csv and summary.md (and a chain's or a decoding sweep's plot) in `sweep_dir`; return the
+    Markdown table. `rows` are the sweep's `job_rows`, read here when not given."""
+    rows = job_rows(sweep_dir) if rows is None else rows
     if not rows:
         return ""
     header = list(rows[0])
@@ -177,13 +178,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        table = write_summary(sweep_dir)
+        rows = job_rows(sweep_dir)
+        table = write_summary(sweep_dir, rows)
         if table:
             print(f"\n{sweep_dir}/summary.md\n{table}", flush=True)
         SweepSummary.failed[:] = [
-            f"job {row['job']}: {row['status'].removeprefix('failed: ')}"
-            for row in job_rows(sweep_dir)
-            if row["status"] != "ok"
+            f"job {row['job']}: {row['status'].removeprefix('failed: ')}" for row in rows if row["status"] != "ok"
         ]
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from adl_llm.artifacts import write_text
 from adl_llm.config import PROJECT_ROOT
-from adl_llm.report import write_summary
 
 STEPS = [
     ("chain", "The 1+1+3 stage chain", ["experiment=chain"]),
@@ -39,7 +38,8 @@ def reproduce(root: Path, overrides: list[str]) -> list[str]:
         print(f"\n== {title}: {' '.join(command[2:])}", flush=True)
         started = time.perf_counter()
         code = subprocess.run(command, cwd=PROJECT_ROOT).returncode
-        table = write_summary(sweep) if sweep.is_dir() else ""
+        summary = sweep / "summary.md"  # written by the sweep itself when it ended
+        table = summary.read_text(encoding="utf-8") if summary.is_file() else ""
         plot = PLOTS.get(name) if (sweep / PLOTS.get(name, "-")).is_file() else None
         sections.append(_section(title, command, table, plot and f"{name}/{plot}", time.perf_counter() - started))
         write_text(root / "report.md", _report(overrides, sections))

@@ -47,7 +47,8 @@ def run_generate(cfg: Config) -> float:
 def run_train(cfg: Config) -> float:
     """QLoRA training on the first `data.n_train` records, then the course perplexity; writes adapter/."""
     started, out = time.perf_counter(), _start(cfg)
-    model, _, metrics, _ = _train_and_evaluate(cfg, out)
+    eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
+    model, _, metrics = _train_and_evaluate(cfg, out, eval_records, _shots(cfg))
     _finish(out, model, metrics, started)
     return metrics["mean_perplexity"]
 
@@ -55,20 +56,21 @@ def run_train(cfg: Config) -> float:
 def run_pipeline(cfg: Config) -> float:
     """The seed report's workflow in one job: train, evaluate the course perplexity, then generate."""
     started, out = time.perf_counter(), _start(cfg)
-    model, tokenizer, metrics, eval_records = _train_and_evaluate(cfg, out)
-    metrics.update(generate_records(cfg, model, tokenizer, eval_records, _shots(cfg), out))
+    eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
+    shots = _shots(cfg)
+    model, tokenizer, metrics = _train_and_evaluate(cfg, out, eval_records, shots)
+    metrics.update(generate_records(cfg, model, tokenizer, eval_records, shots, out))
     _finish(out, model, metrics, started)
     return metrics["mean_perplexity"]
 
 
-def _train_and_evaluate(cfg: Config, out: Path):
+def _train_and_evaluate(cfg: Config, out: Path, eval_records: list[Record], shots: list[Record]):
+    """Train an adapter (saved to out/adapter), then score `eval_records`; the model, tokenizer and metrics."""
     from transformers import set_seed
 
     from adl_llm.train import add_lora, train
 
     train_records = load_records(cfg.data.train_file, need_outputs=True, limit=cfg.data.n_train)
-    eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-    shots = _shots(cfg)
     init_dir = _init_from(cfg)
     previous = read_json(init_dir / "training.json") if init_dir and (init_dir / "training.json").is_file() else {}
     source = model_source(cfg.model)
@@ -113,7 +115,7 @@ def _train_and_evaluate(cfg: Config, out: Path):
             "train/tokens_per_s": state.tokens / state.seconds,
         }
     )
-    return model, tokenizer, metrics, eval_records
+    return model, tokenizer, metrics
 
 
 def generate_records(cfg: Config, model, tokenizer, records: list[Record], shots: list[Record], out: Path) -> dict:

@@ -123,19 +123,21 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     budget = pass_token_budget(model, examples, tc, pad_id, device)
     writer = _tensorboard(run_dir)
     bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step", mininterval=2, disable=not is_main())
+    batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
     while state.global_step < total:
-        batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
         if state.step_in_epoch == len(batches):
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
             continue
         started = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # dropout masks of this step
         batch = [examples[i] for i in batches[state.step_in_epoch]]
+        n_scored = sum(ex.n_scored for ex in batch)  # the whole step's answer tokens, over all ranks
         passes = split_step(batch[rank() :: world_size()], tc, budget)
-        nll, tokens = accumulate_gradients(model, passes, sum(ex.n_scored for ex in batch), pad_id, device)
+        nll, tokens = accumulate_gradients(model, passes, n_scored, pad_id, device)
         sum_gradients(trainable)
         totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device))
-        loss, tokens = float(totals[0]) / max(1, sum(ex.n_scored for ex in batch)), int(totals[1])
+        loss, tokens = float(totals[0]) / max(1, n_scored), int(totals[1])
         if tc.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
         optimizer.step()

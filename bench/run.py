@@ -1,6 +1,6 @@
 """Seed-style baselines and adl-llm side by side, in one process on one card; figures to `OUT/<model>.json`.
 
-    python -u -m bench.run --model embedded --model-path /tmp/gemma-hf --out $OUT
+    python -u -m bench.run --model embedded --out $OUT
     python -u -m bench.run --model llama7b --model-path /tmp/llama7b --out $OUT --only train
     python -u -m bench.run --model-path /tmp/tiny --train-steps 2 --n-eval 4 --n-gen 2 --out /tmp/benchout  # CPU
 
