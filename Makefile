@@ -70,7 +70,7 @@ reproduce: venv  ## the whole study (chain, curve, compare, beams) and one repor
 	$(PY) -m adl_llm.reproduce $(ARGS)
 
 bench: venv  ## on a GPU: seed-style loops against adl-llm, embedded model and a random Llama-2-7B (docs/BENCHMARKS.md)
-	$(PY) -u -m bench.run --model embedded --out outputs/bench $(ARGS)
+	$(PY) -u -m bench.run --model embedded --precision-check --out outputs/bench $(ARGS)
 	test -d outputs/llama7b || $(PY) -m bench.build_llama7b outputs/llama7b
 	$(PY) -u -m bench.run --model llama7b --model-path outputs/llama7b --out outputs/bench $(ARGS)
 	$(PY) -m bench.report outputs/bench

@@ -34,6 +34,8 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimiser steps done inside `epoch`
     losses: list[float] = field(default_factory=list)  # one per optimiser step
+    step_seconds: list[float] = field(default_factory=list)  # one per optimiser step
+    step_tokens: list[int] = field(default_factory=list)  # input tokens of each optimiser step
     tokens: int = 0  # input tokens seen
     seconds: float = 0.0  # training time so far, across resumptions
     fingerprint: str = ""  # of the settings that shape the result; resuming under others is refused

@@ -152,7 +152,8 @@ class GenConfig:
     temperature: float = 1.2
     max_new_tokens: int = 128
     stop_strings: list[str] = field(default_factory=lambda: ["USER:", "\n"])
-    batch_size: int = 16
+    batch_size: int | None = None  # prompts per batch; null: as many as fit in memory_budget_gb (16 on a CPU)
+    memory_budget_gb: float = 7.0  # GiB of GPU memory decoding may fill, the model included
 
     def __post_init__(self) -> None:
         _check(self.beams >= 1, "gen.beams", f"must be >= 1, got {self.beams}")
@@ -160,7 +161,10 @@ class GenConfig:
         _check(self.top_k >= 0, "gen.top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
         _check(self.temperature > 0, "gen.temperature", f"must be > 0, got {self.temperature}")
         _check(self.max_new_tokens >= 1, "gen.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _check(self.batch_size >= 1, "gen.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(
+            self.batch_size is None or self.batch_size >= 1, "gen.batch_size", f"must be >= 1, got {self.batch_size}"
+        )
+        _check(self.memory_budget_gb > 0, "gen.memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         _check(all(self.stop_strings), "gen.stop_strings", "must not contain an empty string")
 
 
@@ -209,7 +213,7 @@ class TaskConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = 64
     max_length: int = 2048  # tokens; longer examples are cut here, as the course metric does
 
     def __post_init__(self) -> None:

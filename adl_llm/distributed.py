@@ -46,6 +46,12 @@ def init_from_env() -> None:
         dist.init_process_group("gloo")
 
 
+def shutdown() -> None:
+    """Leave the process group (NCCL warns of leaked resources otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_object(value: T) -> T:
     """The main process's `value`, on every rank."""
     if not dist.is_initialized():

@@ -2,8 +2,8 @@
 
 Per example: exp(mean NLL of the answer tokens, EOS included), each predicted from the tokens before it;
 the score is the mean of the per-example values. Batches are sorted by length and padded on the right,
-pads are masked out of attention and of the mean, and the vocabulary projection runs only over the span
-of positions that predict answer tokens, so the result does not depend on the batch size.
+pads are masked out of attention and of the mean, and the vocabulary projection runs only at the positions
+that predict answer tokens, a chunk at a time (batching.py), so the result does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adl_llm.batching import answer_logits, collate
+from adl_llm.batching import answer_nll, collate
 from adl_llm.distributed import is_main, map_in_order
-from adl_llm.encode import IGNORE, Encoded
+from adl_llm.encode import Encoded
 
 
 @torch.no_grad()
@@ -43,13 +42,6 @@ def perplexities(
 
 
 def _batch_ppl(model, batch: Sequence[Encoded], pad_id: int, device: torch.device) -> list[float]:
-    logits, targets = answer_logits(model, collate(batch, pad_id, device))
-    values = []
-    for row_logits, row_targets in zip(logits, targets):  # one row at a time: fp32 logits stay small
-        mask = row_targets != IGNORE
-        if not mask.any():
-            values.append(math.nan)
-            continue
-        nll = F.cross_entropy(row_logits[mask].float(), row_targets[mask], reduction="mean")
-        values.append(math.exp(nll.item()))
-    return values
+    sums, counts = answer_nll(model, collate(batch, pad_id, device)).per_row(len(batch))
+    mean_nll = (sums / counts).tolist()  # one transfer per batch; 0/0 gives NaN where no answer token is left
+    return [math.exp(value) for value in mean_nll]

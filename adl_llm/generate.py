@@ -3,6 +3,9 @@
 Each prompt is `[BOS] + tok(prompt)`, exactly the prefix the course perplexity scores the answer after. A
 generation ends at EOS, at `gen.max_new_tokens`, or at the first stop string (`USER:` or a newline by default:
 3-shot outputs otherwise go on to invent a fourth numbered question); the text from the stop string on is cut.
+
+A batch holds as many prompts as fit in `gen.memory_budget_gb` (unless `gen.batch_size` is set): for a small
+model a decoding step costs about the same for 1 or 500 sequences, so the batch size is the speed-up.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
+
+CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits
+LOGIT_COPIES = 10  # fp32 vocabulary rows per sequence while a token is chosen (a bound; docs/BENCHMARKS.md)
+SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -23,16 +30,25 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:end].strip()
 
 
-class _StopStrings(StoppingCriteria):
-    """Marks a row done once its new text holds a stop string, so a batch need not run to max_new_tokens."""
+def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
+    """`gen.batch_size`, or the prompts whose sequences fit `gen.memory_budget_gb` next to the model.
 
-    def __init__(self, tokenizer, prompt_width: int, stop_strings: Sequence[str]):
-        self.tokenizer, self.prompt_width, self.stop_strings = tokenizer, prompt_width, list(stop_strings)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
-        done = [any(s in text for s in self.stop_strings) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    A sequence (one per beam) holds its KV cache for `longest + max_new_tokens` positions and, while a token is
+    chosen, about LOGIT_COPIES fp32 rows of the vocabulary (logits, processed logits, probabilities, sort
+    indices): with Gemma's 262k tokens the latter dominate.
+    """
+    device = next(model.parameters()).device
+    if gen.batch_size:
+        return gen.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
+    per_sequence = kv_per_token * (longest + gen.max_new_tokens) + LOGIT_COPIES * 4 * text.vocab_size
+    room = gen.memory_budget_gb * 2**30 - torch.cuda.memory_allocated(device)
+    return max(1, int(SAFETY * room / per_sequence) // gen.beams)
 
 
 def pad_left(rows: Sequence[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +79,17 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, 
         **sampling,
     )
 
+    # Built once per call: its tables cover the whole vocabulary (about a second for 262k tokens).
+    stops = StoppingCriteriaList([StopStringCriteria(tokenizer, list(gen.stop_strings))] if gen.stop_strings else [])
+    batch_size = prompts_per_batch(model, gen, max(len(ids) for ids in encoded)) if encoded else 1
+
     def work(share: list[int]) -> list[str]:
         texts: list[str] = []
         bar = tqdm(
             total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main()
         )
-        for start in range(0, len(share), gen.batch_size):
-            ids, mask = pad_left([encoded[i] for i in share[start : start + gen.batch_size]], tokenizer.pad_token_id)
-            stops = StoppingCriteriaList([_StopStrings(tokenizer, ids.shape[1], gen.stop_strings)])
+        for start in range(0, len(share), batch_size):
+            ids, mask = pad_left([encoded[i] for i in share[start : start + batch_size]], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

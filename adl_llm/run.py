@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from adl_llm.artifacts import write_text
 from adl_llm.config import PROJECT_ROOT, TaskName, run_stamp, to_typed
-from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun
+from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun, shutdown
 from adl_llm.messages import one_line_error
 from adl_llm.report import SweepSummary
 
@@ -87,6 +87,8 @@ def main() -> None:
     except Exception as exc:
         _exit_if_users_mistake(exc)
         raise
+    finally:
+        shutdown()
     if SweepSummary.failed:  # the sweep went on past its failed jobs; its exit status still says they failed
         print("adl-llm: error: " + "; ".join(SweepSummary.failed), file=sys.stderr)
         sys.exit(1)

@@ -22,17 +22,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adl_llm.batching import answer_logits, collate
+from adl_llm.batching import answer_nll, collate
 from adl_llm.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
 from adl_llm.config import Config, LoraConfig, OptimConfig, ResumeMode, ScheduleConfig, TrainConfig
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
-from adl_llm.encode import IGNORE, Encoded
+from adl_llm.encode import Encoded
 
 log = logging.getLogger(__name__)
 CPU_PASS_TOKENS = 4096  # padded tokens per pass on a CPU, where memory is rarely what limits
+SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
 _GIB = 1024**3
 
 
@@ -147,6 +147,8 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         state.global_step += 1
         state.step_in_epoch += 1
         state.losses.append(loss)
+        state.step_seconds.append(seconds)
+        state.step_tokens.append(tokens)
         state.tokens += tokens
         state.seconds += seconds
         if writer:
@@ -191,32 +193,45 @@ def split_step(batch: Sequence[Encoded], tc: TrainConfig, token_budget: int) -> 
 def pass_token_budget(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> int:
     """Padded tokens per pass: given, a CPU default, or measured on the GPU against train.memory_budget_gb.
 
-    One pass over the longest example measures the activation memory per token; the budget is what fits in
-    memory_budget_gb next to the weights. If not even that example fits, gradient checkpointing is turned on.
+    Two passes, of the longest example once and twice, measure the memory of a pass as a fixed part plus
+    a part per token; the budget is the pass that fits in memory_budget_gb next to the weights, the gradients
+    and the optimiser state. If not even the longest example fits, gradient checkpointing is turned on.
     """
     if tc.micro_batch_tokens or tc.examples_per_pass(world_size()):
         return tc.micro_batch_tokens or 0
     if device.type != "cuda":
         return CPU_PASS_TOKENS
     longest = max(examples, key=lambda ex: len(ex.input_ids))
+    length = len(longest.input_ids)
     limit = min(tc.memory_budget_gb * _GIB, 0.9 * torch.cuda.get_device_properties(device).total_memory)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for attempt in ("as is", "with gradient checkpointing"):
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
-        torch.cuda.reset_peak_memory_stats(device)
-        accumulate_gradients(model, [[longest]], 1, pad_id, device)
-        model.zero_grad(set_to_none=True)
-        per_token = (torch.cuda.max_memory_allocated(device) - base) / len(longest.input_ids)
-        budget = int(0.8 * (limit - base) / max(per_token, 1.0))
-        if budget >= len(longest.input_ids) or attempt != "as is":
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device) - base for n in (1, 2))
+        per_token = max((two - one) / length, 1.0)
+        fixed = max(one - per_token * length, 0.0)
+        budget = int(SAFETY * (limit - base - fixed) / per_token)
+        if budget >= length or attempt != "as is":
             break
         log.info("a pass of the longest example does not fit train.memory_budget_gb: gradient checkpointing on")
         enable_gradient_checkpointing(model)
     log.info(
-        "passes of up to %d padded tokens (%.0f KiB per token, budget %.1f GiB)", budget, per_token / 1024, limit / _GIB
+        "passes of up to %d padded tokens (%.0f KiB per token + %.0f MiB, budget %.1f GiB)",
+        budget,
+        per_token / 1024,
+        fixed / 2**20,
+        limit / _GIB,
     )
-    return max(budget, len(longest.input_ids))
+    return max(budget, length)
+
+
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device) -> int:
+    """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    accumulate_gradients(model, [examples], 1, pad_id, device)
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -234,8 +249,7 @@ def accumulate_gradients(
     tokens = 0
     for examples in passes:
         batch = collate(examples, pad_id, device)
-        logits, targets = answer_logits(model, batch)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        nll = answer_nll(model, batch).nll.sum()
         (nll / max(1, n_scored)).backward()
         total_nll += nll.detach()
         tokens += batch.n_tokens

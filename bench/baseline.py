@@ -104,7 +104,7 @@ def _step_clock():
     return StepClock()
 
 
-def train_baseline(model_path: str, examples: Sequence[Encoded], steps: int, *, work_dir: Path) -> dict:
+def train_baseline(model_path: str, examples: Sequence[Encoded], steps: int, *, work_dir: Path, warmup: int) -> dict:
     """`steps` optimiser steps of seed-style QLoRA through the Hugging Face Trainer; speed, memory and losses."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
@@ -151,17 +151,12 @@ def train_baseline(model_path: str, examples: Sequence[Encoded], steps: int, *, 
     del trainer, model
     measure.free()
 
-    tokens = sum(collator.tokens[: steps * SEED["grad_accum"]])
-    seconds = sum(clock.seconds)
+    accum = SEED["grad_accum"]
+    step_tokens = [sum(collator.tokens[i * accum : (i + 1) * accum]) for i in range(len(clock.seconds))]
     return {
-        "steps": len(clock.seconds),
-        "losses": clock.losses[:50],
-        "tokens": tokens,
-        "seconds": seconds,
+        **measure.rates(step_tokens, clock.seconds, warmup),
+        "losses": clock.losses,
         "wall_seconds": wall,
-        "tokens_per_s": tokens / seconds,
-        "seconds_per_step": seconds / len(clock.seconds),
-        "first_step_seconds": clock.seconds[0],
         **memory,
         "settings": {**SEED, "trainer": "transformers.Trainer", "bf16_autocast": on_gpu},
     }

@@ -29,7 +29,7 @@ def compose(*overrides: str, output_dir: Path | str = "unused") -> Config:
 
 
 def train_framework(
-    model_path: str, examples: Sequence[Encoded], steps: int, *overrides: str, work_dir: Path, pad_id: int
+    model_path: str, examples: Sequence[Encoded], steps: int, *overrides: str, work_dir: Path, pad_id: int, warmup: int
 ) -> dict:
     """`steps` optimiser steps of `adl_llm.train.train` from a fresh adapter, as `run_train` sets it up."""
     from transformers import set_seed
@@ -59,13 +59,9 @@ def train_framework(
     del model
     measure.free()
     return {
-        "steps": state.global_step,
-        "losses": state.losses[:50],
-        "tokens": state.tokens,
-        "seconds": state.seconds,
+        **measure.rates(state.step_tokens, state.step_seconds, warmup),
+        "losses": state.losses,
         "wall_seconds": wall,
-        "tokens_per_s": state.tokens / state.seconds,
-        "seconds_per_step": state.seconds / state.global_step,
         **memory,
         "settings": {"overrides": list(overrides), "train": dataclasses.asdict(cfg.train), "lora": cfg.lora},
         "log": messages.messages,

@@ -61,5 +61,20 @@ def warm_up() -> None:
         free()
 
 
+def rates(step_tokens: list[int], step_seconds: list[float], warmup: int) -> dict:
+    """Tokens/s over every step, and over the steps after the first `warmup` (the steady state)."""
+    steady_tokens, steady_seconds = sum(step_tokens[warmup:]), sum(step_seconds[warmup:])
+    return {
+        "steps": len(step_seconds),
+        "tokens": sum(step_tokens),
+        "seconds": sum(step_seconds),
+        "tokens_per_s": sum(step_tokens) / sum(step_seconds),
+        "seconds_per_step": sum(step_seconds) / len(step_seconds),
+        "steady_tokens_per_s": steady_tokens / steady_seconds if steady_seconds else None,
+        "step_seconds": step_seconds,
+        "step_tokens": step_tokens,
+    }
+
+
 def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

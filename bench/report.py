@@ -54,7 +54,7 @@ def _summary(results: list[dict]) -> str:
                 str(result.get("card")),
                 _arrow(base.get("tokens_per_s"), fw.get("tokens_per_s"), "{:,.0f}"),
                 _arrow(base.get("peak_alloc_gib"), fw.get("peak_alloc_gib"), "{:.1f}"),
-                _arrow(ppl.get("baseline", {}).get("seconds"), ppl.get("framework", {}).get("seconds"), "{:.1f}"),
+                _arrow(ppl.get("baseline", {}).get("seconds"), _ppl_default(ppl).get("seconds"), "{:.1f}"),
                 "; ".join(
                     f"{b}: " + _arrow(v["baseline"]["examples_per_s"], v["framework"]["examples_per_s"], "{:.2f}")
                     for b, v in beams
@@ -84,34 +84,37 @@ def _section(part: str, data: dict) -> str:
 
 def _train(data: dict) -> str:
     runs = [("HF Trainer (seed)", data.get("baseline", {})), ("adl-llm default", data.get("framework", {}))]
-    ablation = data.get("framework_2x8", {})
-    if "same_as" not in ablation:
-        runs.append(("adl-llm 2x8", ablation))
+    runs += [
+        (f"adl-llm, {key.removeprefix('ablation_')}", run)
+        for key, run in data.items()
+        if key.startswith("ablation_") and "same_as" not in run
+    ]
     base = runs[0][1]
     header = ["figure", runs[0][0]]
     for name, _ in runs[1:]:
         header += [name, "ratio"]
     rows = []
+    warmup = data.get("warmup_steps", 0)
     for label, key, fmt in (
-        ("tokens/s", "tokens_per_s", "{:,.0f}"),
+        ("optimiser steps", "steps", "{:d}"),
+        ("tokens/s, all steps", "tokens_per_s", "{:,.0f}"),
+        (f"tokens/s, after step {warmup}", "steady_tokens_per_s", "{:,.0f}"),
         ("s / optimiser step", "seconds_per_step", "{:.2f}"),
         ("peak allocated GiB", "peak_alloc_gib", "{:.2f}"),
         ("peak reserved GiB", "peak_reserved_gib", "{:.2f}"),
     ):
         row = [label, _fmt(base.get(key), fmt)]
         for _, run in runs[1:]:
-            row += [_fmt(run.get(key), fmt), _ratio(run.get(key), base.get(key))]
+            row += [_fmt(run.get(key), fmt), "" if key == "steps" else _ratio(run.get(key), base.get(key))]
         rows.append(row)
     rows.append(["split, checkpointing", _split(base), *[x for _, r in runs[1:] for x in (_split(r), "")]])
     errors = [f"{name}: failed ({run['error']})" for name, run in runs if "error" in run]
-    steps = base.get("steps") or data.get("framework", {}).get("steps")
-    note = f"{steps} optimiser steps of 16 examples (mean {data.get('mean_example_tokens', 0):.0f} tokens each)"
-    if "same_as" in ablation:
-        note += "; adl-llm's defaults are the 2 x 8 split"
+    note = f"batches of 16 examples (mean {data.get('mean_example_tokens', 0):.0f} tokens each)"
     return "\n\n".join(["Training: " + note, _table(header, rows), _losses(runs), *errors])
 
 
 def _losses(runs: list[tuple[str, dict]]) -> str:
+    """The loss of sampled steps, and how far each curve is from the baseline's over the steps both ran."""
     curves = [(name, run.get("losses") or []) for name, run in runs]
     n = max(len(c) for _, c in curves)
     if not n:
@@ -119,7 +122,15 @@ def _losses(runs: list[tuple[str, dict]]) -> str:
     every = max(1, n // 10)
     steps = sorted({1, n, *range(every, n + 1, every)})
     rows = [[str(s), *(_fmt(c[s - 1] if s <= len(c) else None, "{:.4f}") for _, c in curves)] for s in steps]
+    base = curves[0][1]
+    for label, pick in (("mean abs. diff. from the baseline", _mean), ("largest abs. diff.", max)):
+        diffs = [[abs(a - b) for a, b in zip(c, base)] for _, c in curves[1:]]
+        rows.append([label, "", *(_fmt(pick(d) if d else None, "{:.4f}") for d in diffs)])
     return _table(["step", *(f"loss, {name}" for name, _ in curves)], rows)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _split(run: dict) -> str:
@@ -133,23 +144,50 @@ def _split(run: dict) -> str:
     return f"by length, {train.get('micro_batch_tokens') or 'auto'} tokens/pass, {checkpointing}"
 
 
+def _ppl_default(data: dict) -> dict:
+    return data.get("framework", {}).get(str(data.get("default_batch_size")), {})
+
+
 def _ppl(data: dict) -> str:
-    base, fw = data["baseline"], data["framework"]
     n = data["n_examples"]
-    header = ["figure", "course ppl.py (batch 1)", f"adl-llm (batch {fw.get('batch_size')})", "ratio"]
-    speed = {"examples_per_s": n / base["seconds"]}, {"examples_per_s": n / fw["seconds"]}
-    rows = [
-        _pair_row("seconds", base, fw, "seconds", "{:.2f}"),
-        _pair_row("examples/s", *speed, "examples_per_s", "{:.1f}"),
-        [*_pair_row("mean ppl", base, fw, "mean_ppl", "{:.4f}")[:3], ""],
-        _pair_row("peak allocated GiB", base, fw, "peak_alloc_gib", "{:.2f}"),
-        _pair_row("peak reserved GiB", base, fw, "peak_reserved_gib", "{:.2f}"),
+    blocks = [
+        f"Perplexity of {n} public-test examples (mean {data['mean_example_tokens']:.0f} tokens), bf16 compute",
+        _ppl_table(data, n),
     ]
-    note = (
-        f"Perplexity of {n} public-test examples (mean {data['mean_example_tokens']:.0f} tokens): largest relative "
-        f"difference of one example's ppl {data['max_rel_diff']:.2e}, of the mean {data['mean_rel_diff']:.2e}"
+    if "fp32" in data:
+        blocks += ["The same NF4 weights with fp32 compute (the precision check)", _ppl_table(data["fp32"], n)]
+    return "\n\n".join(blocks)
+
+
+def _ppl_table(data: dict, n: int) -> str:
+    base, runs = data["baseline"], data["framework"]
+    header = ["figure", "course ppl.py (batch 1)"]
+    for batch_size in runs:
+        header += [f"adl-llm batch {batch_size}", "ratio"]
+    rows = []
+    for label, key, fmt in (
+        ("seconds", "seconds", "{:.2f}"),
+        ("peak allocated GiB", "peak_alloc_gib", "{:.2f}"),
+    ):
+        row = [label, _fmt(base.get(key), fmt)]
+        for run in runs.values():
+            row += [_fmt(run.get(key), fmt), _ratio(run.get(key), base.get(key))]
+        rows.append(row)
+    speed = ["examples/s", f"{n / base['seconds']:.1f}"]
+    for run in runs.values():
+        speed += [f"{n / run['seconds']:.1f}", _ratio(base["seconds"], run["seconds"])]
+    rows.insert(1, speed)
+    default = str(data["default_batch_size"])
+    rows.append(
+        [
+            f"vs the loop at batch {default}",
+            f"mean ppl {data['baseline']['mean_ppl']:.4f}",
+            f"mean ppl {data['framework_mean_ppl']:.4f}",
+            f"largest per-example rel. diff. {data['max_rel_diff']:.1e}, of the mean {data['mean_rel_diff']:.1e}",
+        ]
+        + [""] * (len(header) - 4)
     )
-    return note + "\n\n" + _table(header, rows)
+    return _table(header, rows)
 
 
 def _pair_row(label: str, base: dict, fw: dict, key: str, fmt: str) -> list[str]:
@@ -174,12 +212,15 @@ def _gen(data: dict) -> str:
                 _ratio(fw["examples_per_s"], base["examples_per_s"]),
                 _fmt(base.get("peak_alloc_gib"), "{:.2f}"),
                 _fmt(fw.get("peak_alloc_gib"), "{:.2f}"),
-                f"{run['same_text']}/{data['n_prompts']}",
+                f"{run['same_text']}/{data.get('n_prompts_baseline', data['n_prompts'])}",
             ]
         )
+    n_base = data.get("n_prompts_baseline", data.get("n_prompts"))
+    batch = settings.get("batch_size") or f"sized from gen.memory_budget_gb={settings.get('memory_budget_gb')}"
     note = (
-        f"Generation of {data.get('n_prompts')} public-test prompts, up to {settings.get('max_new_tokens')} new "
-        f"tokens, no sampling, adl-llm batch {settings.get('batch_size')}"
+        f"Generation, up to {settings.get('max_new_tokens')} new tokens, no sampling: the one-prompt loop over the "
+        f"first {n_base} public-test prompts, adl-llm over {data.get('n_prompts')} (batch {batch}); 'same text' "
+        f"counts the first {n_base}"
     )
     return note + "\n\n" + _table(header, rows)
 

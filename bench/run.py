@@ -4,9 +4,11 @@
     python -u -m bench.run --model llama7b --model-path /tmp/llama7b --out $OUT --only train
     python -u -m bench.run --model-path /tmp/tiny --train-steps 2 --n-eval 4 --n-gen 2 --out /tmp/benchout  # CPU
 
-Parts (`--only`): `train` (the HF Trainer baseline, adl-llm with the default `train.*`, and adl-llm with micro-batch
-2 x accumulation 8), `ppl` (the course ppl.py loop against adl-llm's batched perplexity, on the same model
-instance), `gen` (one prompt at a time against adl-llm's batched decoding, at each of `--beams`). Every model is
+Parts (`--only`): `train` (the HF Trainer baseline, adl-llm with the default `train.*`, and the ablations of
+ABLATIONS for `--ablation-steps`), `ppl` (the course ppl.py loop against adl-llm's batched perplexity at several
+batch sizes, on the same model instance; with `--precision-check`, both again on an fp32-compute instance),
+`gen` (one prompt at a time on the first `--n-gen-baseline` prompts against adl-llm's batched decoding of
+`--n-gen` prompts, at each of `--beams`: a rate against a rate, each over the work it is used for). Every model is
 loaded fresh for its part and freed after it, and the peak-memory count restarts with each measurement. The JSON
 is rewritten after each part, so a run stopped by a time limit keeps what it finished; a part that fails
 records its error and the next one runs. Scratch files (Trainer output, checkpoints) go to a temporary folder:
@@ -35,7 +37,11 @@ from adl_llm.prompts import build_prompts
 from bench import baseline, framework, measure, report
 
 DEFAULT_PATHS = {"embedded": "embedded:gemma3-270m", "llama7b": "/tmp/llama7b"}
-ABLATION = ("train.micro_batch_size=2", "train.grad_accum=8")  # the seed's split of the effective batch of 16
+# What each training choice contributes: adl-llm with one default turned back to the seed's.
+ABLATIONS = {
+    "2x8": ("train.micro_batch_size=2", "train.grad_accum=8"),  # the seed's split of the effective batch of 16
+    "checkpointing": ("train.gradient_checkpointing=true",),  # the seed's gradient checkpointing
+}
 PARTS = ("train", "ppl", "gen")
 
 
@@ -45,13 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-path", help="a model folder (default: embedded:gemma3-270m or /tmp/llama7b)")
     parser.add_argument("--out", type=Path, required=True, help="folder for <model>.json")
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: train,ppl,gen")
-    parser.add_argument("--train-steps", type=int, default=20, help="optimiser steps (effective batch 16) per run")
+    parser.add_argument("--train-steps", type=int, default=50, help="optimiser steps (effective batch 16) per run")
+    parser.add_argument(
+        "--ablation-steps", type=int, help="steps of each ablation run (default --train-steps; 0: none)"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the steady-state rate")
     parser.add_argument("--n-train", type=int, default=3000, help="first N training records, as the seed report")
     parser.add_argument("--n-eval", type=int, default=250, help="first N public-test records for perplexity")
-    parser.add_argument("--n-gen", type=int, default=16, help="first N public-test prompts for generation")
+    parser.add_argument("--n-gen", type=int, default=250, help="first N public-test prompts for adl-llm's decoding")
+    parser.add_argument("--n-gen-baseline", type=int, default=16, help="the first N of them for the one-prompt loop")
     parser.add_argument("--beams", default="1,3,5")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--eval-batch-size", type=int, help="adl-llm's eval.batch_size (default: the config's)")
+    parser.add_argument("--eval-batch-sizes", default="1,16", help="adl-llm batch sizes timed besides the default")
+    parser.add_argument("--precision-check", action="store_true", help="ppl of both sides again with fp32 compute")
     parser.add_argument("--gen-batch-size", type=int, help="adl-llm's gen.batch_size (default: the config's)")
     args = parser.parse_args(argv)
     args.parts = [p for p in args.only.split(",") if p]
@@ -59,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     args.model_path = args.model_path or DEFAULT_PATHS[args.model]
+    if args.ablation_steps is None:
+        args.ablation_steps = args.train_steps
     return args
 
 
@@ -82,41 +96,50 @@ def main(argv=None) -> None:
     measure.warm_up()
     with tempfile.TemporaryDirectory(prefix="adl-bench-") as scratch:
         if "train" in args.parts:
-            result["train"] = _part("train", lambda: bench_train(args, source, tokenizer, Path(scratch)))
-            write_json(path, result)
+            result["train"] = {}  # filled run by run, and saved after each: a time limit keeps what finished
+
+            def save(key: str, value) -> None:
+                result["train"][key] = value
+                write_json(path, result)
+
+            failure = _part("train", lambda: bench_train(args, source, tokenizer, Path(scratch), save))
+            if failure:  # the data or the set-up failed, before any run
+                save("error", failure["error"])
         if "ppl" in args.parts or "gen" in args.parts:
             bench_inference(args, source, tokenizer, result, path)
     print(report.render([result]), flush=True)
     print(f"wrote {path}", flush=True)
 
 
-def bench_train(args, source: str, tokenizer, scratch: Path) -> dict:
-    """The Trainer baseline, adl-llm with its defaults, and adl-llm at the seed's 2 x 8 split, same data."""
+def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
+    """The Trainer baseline, adl-llm with its defaults, and adl-llm with each ablation, on the same data.
+
+    `save(key, figures)` records each run as it finishes.
+    """
     cfg = framework.compose(f"model.name_or_path={source}")
     records = load_records(cfg.data.train_file, need_outputs=True, limit=args.n_train)
     prompts = build_prompts([r.instruction for r in records], cfg.prompt)
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.train.max_length)
     pad_id = tokenizer.pad_token_id
-    out = {"n_examples": len(examples), "mean_example_tokens": sum(len(e.input_ids) for e in examples) / len(examples)}
-    out["baseline"] = _part(
-        "train baseline", lambda: baseline.train_baseline(source, examples, args.train_steps, work_dir=scratch / "hf")
-    )
-    out["framework"] = _part(
-        "train adl-llm",
-        lambda: framework.train_framework(
-            source, examples, args.train_steps, work_dir=scratch / "default", pad_id=pad_id
-        ),
-    )
-    if framework.compose(*ABLATION).train == framework.compose().train:
-        out["framework_2x8"] = {"same_as": "framework"}  # the defaults already are the seed's split
-    else:
-        out["framework_2x8"] = _part(
-            "train adl-llm 2x8",
-            lambda: framework.train_framework(
-                source, examples, args.train_steps, *ABLATION, work_dir=scratch / "2x8", pad_id=pad_id
-            ),
+    save("n_examples", len(examples))
+    save("mean_example_tokens", sum(len(e.input_ids) for e in examples) / len(examples))
+    save("warmup_steps", args.warmup_steps)
+    run = partial(framework.train_framework, source, examples, pad_id=pad_id, warmup=args.warmup_steps)
+    hf = partial(baseline.train_baseline, source, examples, args.train_steps, warmup=args.warmup_steps)
+    save("baseline", _part("train baseline", lambda: hf(work_dir=scratch / "hf")))
+    save("framework", _part("train adl-llm", lambda: run(args.train_steps, work_dir=scratch / "default")))
+    if not args.ablation_steps:
+        return
+    defaults = framework.compose().train
+    for name, overrides in ABLATIONS.items():
+        if framework.compose(*overrides).train == defaults:
+            save(f"ablation_{name}", {"same_as": "framework"})  # the defaults already are the seed's choice
+            continue
+        work = scratch / name
+        save(
+            f"ablation_{name}",
+            _part(f"train adl-llm {name}", lambda o=overrides, w=work: run(args.ablation_steps, *o, work_dir=w)),
         )
-    return out
 
 
 def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> None:
@@ -124,11 +147,11 @@ def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> N
     cfg = framework.compose(f"model.name_or_path={source}")
     records = load_records(cfg.data.eval_file, need_outputs=True)
     model = load_model(cfg.model, source=source)
+    if "gen" in args.parts:  # first: the precision check of ppl replaces the model
+        result["gen"] = _part("gen", partial(bench_gen, args, cfg, model, tokenizer, records[: args.n_gen]))
+        write_json(path, result)
     if "ppl" in args.parts:
         result["ppl"] = _part("ppl", partial(bench_ppl, args, cfg, model, tokenizer, records[: args.n_eval]))
-        write_json(path, result)
-    if "gen" in args.parts:
-        result["gen"] = _part("gen", partial(bench_gen, args, cfg, model, tokenizer, records[: args.n_gen]))
         write_json(path, result)
     del model
     measure.free()
@@ -137,55 +160,58 @@ def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> N
 def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
     prompts = build_prompts([r.instruction for r in records], cfg.prompt)
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.eval.max_length)
-    batch_size = args.eval_batch_size or cfg.eval.batch_size
     pad_id = tokenizer.pad_token_id
-    baseline.ppl_baseline(model, examples[:2])  # warm-up of both paths, untimed
-    framework.ppl_framework(model, examples[:2], batch_size=batch_size, pad_id=pad_id)
-    measure.reset_peak()
-    base_values, base_seconds = baseline.ppl_baseline(model, examples)
-    base_memory = measure.peak()
-    measure.reset_peak()
-    fw_values, fw_seconds = framework.ppl_framework(model, examples, batch_size=batch_size, pad_id=pad_id)
-    fw_memory = measure.peak()
-    pairs = [(b, f) for b, f in zip(base_values, fw_values) if not (math.isnan(b) or math.isnan(f))]
-    base_mean = sum(b for b, _ in pairs) / len(pairs)
-    fw_mean = sum(f for _, f in pairs) / len(pairs)
-    return {
+    batch_sizes = sorted({cfg.eval.batch_size, *(int(b) for b in args.eval_batch_sizes.split(",") if b)})
+    out = {
         "n_examples": len(examples),
         "mean_example_tokens": sum(len(e.input_ids) for e in examples) / len(examples),
-        "baseline": {"seconds": base_seconds, "mean_ppl": base_mean, "ppl": _clean(base_values), **base_memory},
-        "framework": {
-            "seconds": fw_seconds,
-            "batch_size": batch_size,
-            "mean_ppl": fw_mean,
-            "ppl": _clean(fw_values),
-            **fw_memory,
-        },
-        "max_rel_diff": max(abs(f - b) / abs(b) for b, f in pairs),
-        "mean_rel_diff": abs(fw_mean - base_mean) / abs(base_mean),
+        **compare_ppl(model, examples, pad_id, batch_sizes, default=cfg.eval.batch_size),
     }
+    if args.precision_check:
+        del model
+        measure.free()
+        exact = load_model(
+            framework.compose(f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32").model
+        )
+        out["fp32"] = compare_ppl(exact, examples, pad_id, [cfg.eval.batch_size], default=cfg.eval.batch_size)
+    return out
+
+
+def compare_ppl(model, examples, pad_id: int, batch_sizes: list[int], *, default: int) -> dict:
+    """The one-example loop against adl-llm at each batch size; the differences are those at `default`."""
+    baseline.ppl_baseline(model, examples[:2])  # warm-up of both paths, untimed
+    framework.ppl_framework(model, examples[:2], batch_size=default, pad_id=pad_id)
+    measure.reset_peak()
+    base_values, base_seconds = baseline.ppl_baseline(model, examples)
+    out = {"baseline": {"seconds": base_seconds, "ppl": _clean(base_values), **measure.peak()}, "framework": {}}
+    for batch_size in batch_sizes:
+        measure.reset_peak()
+        values, seconds = framework.ppl_framework(model, examples, batch_size=batch_size, pad_id=pad_id)
+        out["framework"][str(batch_size)] = {"seconds": seconds, "ppl": _clean(values), **measure.peak()}
+    fw_values = out["framework"][str(default)]["ppl"]
+    pairs = [(b, f) for b, f in zip(out["baseline"]["ppl"], fw_values) if b is not None and f is not None]
+    base_mean, fw_mean = (sum(side) / len(pairs) for side in zip(*pairs))
+    out["baseline"]["mean_ppl"], out["framework_mean_ppl"] = base_mean, fw_mean
+    out["default_batch_size"] = default
+    out["max_rel_diff"] = max(abs(f - b) / abs(b) for b, f in pairs)
+    out["mean_rel_diff"] = abs(fw_mean - base_mean) / abs(base_mean)
+    return out
 
 
 def bench_gen(args, cfg, model, tokenizer, records) -> dict:
-    """Deterministic decoding (greedy, or beam search without sampling) so both sides should give one text."""
-    try:
-        import adl_llm.generate  # noqa: F401
-    except ImportError:
-        return {"skipped": "adl_llm.generate is not there yet"}
+    """Deterministic decoding (greedy, or beam search without sampling), so both sides should give one text.
+
+    The loop decodes the first `--n-gen-baseline` prompts, adl-llm all `--n-gen`: examples/s against examples/s.
+    """
     prompts = build_prompts([r.instruction for r in records], cfg.prompt)
-    out = {"n_prompts": len(prompts)}
+    n_base = min(args.n_gen_baseline, len(prompts))
+    out = {"n_prompts": len(prompts), "n_prompts_baseline": n_base}
     for beams in (int(b) for b in args.beams.split(",")):
-        gen = dataclasses.replace(
-            cfg.gen,
-            beams=beams,
-            do_sample=False,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch_size or cfg.gen.batch_size,
-        )
+        gen = dataclasses.replace(cfg.gen, beams=beams, do_sample=False, max_new_tokens=args.max_new_tokens)
         warm = dataclasses.replace(gen, max_new_tokens=2)
         baseline.generate_baseline(model, tokenizer, prompts[:1], warm)  # warm-up, untimed
         framework.generate_framework(model, tokenizer, prompts[:1], warm)
-        base = baseline.generate_baseline(model, tokenizer, prompts, gen)
+        base = baseline.generate_baseline(model, tokenizer, prompts[:n_base], gen)
         fw = framework.generate_framework(model, tokenizer, prompts, gen)
         same = sum(b == f for b, f in zip(base["texts"], fw["texts"]))
         settings = dataclasses.asdict(gen)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from adl_llm.config import PROJECT_ROOT
 from adl_llm.errors import ResourceError
@@ -58,7 +58,7 @@ def test_output_folder_that_cannot_be_written(tmp_path):
     "task,needle",
     [
         (run_train, "out of GPU memory during training; lower train.memory_budget_gb"),
-        (run_generate, "out of GPU memory during generation; lower gen.batch_size"),
+        (run_generate, "out of GPU memory during generation; lower gen.memory_budget_gb or set gen.batch_size"),
         (run_eval, "out of GPU memory during perplexity; lower eval.batch_size"),
     ],
 )
@@ -66,7 +66,7 @@ def test_out_of_memory_names_the_setting_to_lower(tiny_model_dir, tmp_path, monk
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", no_memory)
+    monkeypatch.setattr(LlamaModel, "forward", no_memory)  # the decoder, under the loss and under generate
     cfg = compose_config(*tiny_overrides(tiny_model_dir, "data.n_train=4", "data.n_eval=2"), output_dir=tmp_path)
     with pytest.raises(ResourceError, match=re.escape(needle)):
         task(cfg)

@@ -1,0 +1,56 @@
+"""`bench/` end to end on the CPU with the tiny model: every part runs, the JSON holds what the report reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import profile_train, report
+from bench import run as bench_run
+from tests.conftest import read_json
+
+
+@pytest.mark.slow
+def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
+    bench_run.main(
+        [
+            f"--model-path={tiny_model_dir}",
+            "--train-steps=3",
+            "--ablation-steps=2",
+            "--warmup-steps=1",
+            "--n-train=40",
+            "--n-eval=5",
+            "--n-gen=4",
+            "--n-gen-baseline=2",
+            "--max-new-tokens=6",
+            "--precision-check",
+            f"--out={tmp_path}",
+        ]
+    )
+    result = read_json(tmp_path / "embedded.json")
+    train = result["train"]
+    for run in ("baseline", "framework", "ablation_2x8", "ablation_checkpointing"):
+        assert "error" not in train[run], train[run]
+    assert train["baseline"]["steps"] == train["framework"]["steps"] == 3
+    assert len(train["framework"]["step_seconds"]) == len(train["framework"]["losses"]) == 3
+    # How a step is split into passes must not change its loss (same weights, same data, same first step).
+    assert train["ablation_2x8"]["losses"][0] == pytest.approx(train["framework"]["losses"][0], rel=1e-3)
+    ppl = result["ppl"]
+    assert set(ppl["framework"]) == {"1", "16", "64"} and "fp32" in ppl
+    assert all(v is not None and math.isfinite(v) for v in ppl["framework"]["64"]["ppl"])
+    assert ppl["max_rel_diff"] < 1e-2
+    gen = result["gen"]
+    assert gen["n_prompts"] == 4 and gen["n_prompts_baseline"] == 2
+    for beams in (1, 3, 5):
+        assert len(gen[f"beams{beams}"]["framework"]["texts"]) == 4
+    text = report.render(report.load([tmp_path]))
+    assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_profile_train_writes_its_table(tiny_model_dir, tmp_path):
+    profile_train.main([f"--model-path={tiny_model_dir}", "--passes=1", "--examples=4", f"--out={tmp_path}"])
+    text = (tmp_path / "profile.txt").read_text(encoding="utf-8")
+    assert "wall time a pass" in text and "aten::" in text
