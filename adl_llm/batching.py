@@ -60,7 +60,8 @@ def answer_nll(model, batch: Batch) -> AnswerNLL:
     """The NLL of every answer token of `batch`, each predicted from the tokens before it.
 
     Position t predicts token t+1; the logits are those of the model's own head (`get_output_embeddings`, with
-    Gemma's final soft-capping where the config sets it).
+    Gemma's final soft-capping where the config sets it). A head that trains (LoRA on `lm_head`, a trained bias)
+    goes through plain autograd, still a chunk of positions at a time in the forward pass.
     """
     scored = batch.labels[:, 1:] != IGNORE
     rows, columns = scored.nonzero(as_tuple=True)
@@ -69,9 +70,29 @@ def answer_nll(model, batch: Batch) -> AnswerNLL:
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    nll = _ChunkedNLL.apply(hidden[rows, columns], head.weight, head.bias, targets, softcap)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if _frozen_linear(head):
+        nll = _ChunkedNLL.apply(hidden[rows, columns], head.weight, head.bias, targets, softcap)
+    else:
+        nll = _autograd_nll(head, hidden[rows, columns], targets, softcap)
     return AnswerNLL(nll=nll, rows=rows)
+
+
+def _frozen_linear(head) -> bool:
+    """A plain linear head with nothing to train: the case the hand-written gradient covers."""
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+def _autograd_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+    parts = []
+    for start in range(0, len(targets), chunk):
+        logits = head(hidden[start : start + chunk])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        parts.append(F.cross_entropy(logits, targets[start : start + chunk], reduction="none"))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
 
 
 class _ChunkedNLL(torch.autograd.Function):

@@ -87,8 +87,8 @@ def main() -> None:
     except Exception as exc:
         _exit_if_users_mistake(exc)
         raise
-    finally:
-        shutdown()
+    # Only after success: leaving the group waits for the other ranks, which would hang a rank that failed alone.
+    shutdown()
     if SweepSummary.failed:  # the sweep went on past its failed jobs; its exit status still says they failed
         print("adl-llm: error: " + "; ".join(SweepSummary.failed), file=sys.stderr)
         sys.exit(1)

@@ -124,8 +124,11 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], shots
 
     prompts = build_prompts([r.instruction for r in records], cfg.prompt, shots)
     started = time.perf_counter()
-    now = f"gen.batch_size (now {cfg.gen.batch_size})" if cfg.gen.batch_size else "or set gen.batch_size"
-    with out_of_memory_advice("generation", f"gen.memory_budget_gb {now}, or gen.beams"):
+    if cfg.gen.batch_size:
+        settings = f"gen.batch_size (now {cfg.gen.batch_size}) or gen.beams"
+    else:
+        settings = "gen.memory_budget_gb or set gen.batch_size, or lower gen.beams"
+    with out_of_memory_advice("generation", settings):
         texts = generate_texts(model, tokenizer, prompts, cfg.gen)
     seconds = time.perf_counter() - started
     if is_main():

@@ -208,7 +208,16 @@ def pass_token_budget(model, examples: Sequence[Encoded], tc: TrainConfig, pad_i
     for attempt in ("as is", "with gradient checkpointing"):
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
-        one, two = (_pass_peak(model, [longest] * n, pad_id, device) - base for n in (1, 2))
+        try:
+            one, two = (_pass_peak(model, [longest] * n, pad_id, device) - base for n in (1, 2))
+        except torch.OutOfMemoryError:  # not even the probe fits as is: checkpointing, or a real error
+            if attempt != "as is":
+                raise
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            log.info("the memory probe ran out of GPU memory: gradient checkpointing on")
+            enable_gradient_checkpointing(model)
+            continue
         per_token = max((two - one) / length, 1.0)
         fixed = max(one - per_token * length, 0.0)
         budget = int(SAFETY * (limit - base - fixed) / per_token)

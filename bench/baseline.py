@@ -151,7 +151,7 @@ def train_baseline(model_path: str, examples: Sequence[Encoded], steps: int, *, 
     del trainer, model
     measure.free()
 
-    accum = SEED["grad_accum"]
+    accum = SEED["grad_accum"]  # micro-batches per step: exact while the steps stay inside the first epoch
     step_tokens = [sum(collator.tokens[i * accum : (i + 1) * accum]) for i in range(len(clock.seconds))]
     return {
         **measure.rates(step_tokens, clock.seconds, warmup),

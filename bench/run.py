@@ -179,8 +179,9 @@ def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
 
 def compare_ppl(model, examples, pad_id: int, batch_sizes: list[int], *, default: int) -> dict:
     """The one-example loop against adl-llm at each batch size; the differences are those at `default`."""
-    baseline.ppl_baseline(model, examples[:2])  # warm-up of both paths, untimed
-    framework.ppl_framework(model, examples[:2], batch_size=default, pad_id=pad_id)
+    baseline.ppl_baseline(model, examples[:2])  # warm-up of both paths at every batch size, untimed
+    for batch_size in batch_sizes:
+        framework.ppl_framework(model, examples[: 2 * batch_size], batch_size=batch_size, pad_id=pad_id)
     measure.reset_peak()
     base_values, base_seconds = baseline.ppl_baseline(model, examples)
     out = {"baseline": {"seconds": base_seconds, "ppl": _clean(base_values), **measure.peak()}, "framework": {}}
@@ -207,7 +208,13 @@ def bench_gen(args, cfg, model, tokenizer, records) -> dict:
     n_base = min(args.n_gen_baseline, len(prompts))
     out = {"n_prompts": len(prompts), "n_prompts_baseline": n_base}
     for beams in (int(b) for b in args.beams.split(",")):
-        gen = dataclasses.replace(cfg.gen, beams=beams, do_sample=False, max_new_tokens=args.max_new_tokens)
+        gen = dataclasses.replace(
+            cfg.gen,
+            beams=beams,
+            do_sample=False,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch_size or cfg.gen.batch_size,
+        )
         warm = dataclasses.replace(gen, max_new_tokens=2)
         baseline.generate_baseline(model, tokenizer, prompts[:1], warm)  # warm-up, untimed
         framework.generate_framework(model, tokenizer, prompts[:1], warm)

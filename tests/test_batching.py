@@ -93,3 +93,23 @@ def test_soft_capped_gradient_matches_autograd(monkeypatch):
     (got * upstream).sum().backward()
     torch.testing.assert_close(got, expected.detach())
     torch.testing.assert_close(hidden.grad, want)
+
+
+def test_trainable_head_goes_through_autograd(tiny_model_dir, lora_batch):
+    """LoRA on lm_head: the hand-written gradient does not apply; the head's adapter must still learn."""
+    _, batch = lora_batch
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    model = add_lora(base, LoraConfig(target_modules=["q_proj", "lm_head"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.eval()
+    expected = full_logits_nll(model, batch)
+    expected.backward()
+    expected_grads = lora_grads(model)
+    got = answer_nll(model, batch).nll.sum()
+    got.backward()
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=0)
+    for got_grad, want in zip(lora_grads(model), expected_grads):
+        torch.testing.assert_close(got_grad, want, rtol=1e-9, atol=1e-12)

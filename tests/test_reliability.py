@@ -58,7 +58,7 @@ def test_output_folder_that_cannot_be_written(tmp_path):
     "task,needle",
     [
         (run_train, "out of GPU memory during training; lower train.memory_budget_gb"),
-        (run_generate, "out of GPU memory during generation; lower gen.memory_budget_gb or set gen.batch_size"),
+        (run_generate, "out of GPU memory during generation; lower gen.memory_budget_gb or set gen.batch_size, or"),
         (run_eval, "out of GPU memory during perplexity; lower eval.batch_size"),
     ],
 )
