@@ -78,6 +78,9 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False  # runs code shipped with a hub model: off unless asked for
     attn_implementation: str = "sdpa"
+    # PyTorch's cuDNN attention (its first choice on recent GPUs) builds an execution plan for every new input
+    # shape, and batch shapes here change all the time: off unless asked (docs/BENCHMARKS.md measures both).
+    cudnn_attention: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must name a hub id or a local folder")
@@ -215,10 +218,16 @@ class TaskConfig:
 class EvalConfig:
     batch_size: int = 64
     max_length: int = 2048  # tokens; longer examples are cut here, as the course metric does
+    pad_to_multiple: int | None = None  # padded batch width's multiple; null: 64 on a GPU, 1 on a CPU
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_length >= 2, "eval.max_length", f"must be >= 2, got {self.max_length}")
+        _check(
+            self.pad_to_multiple is None or self.pad_to_multiple >= 1,
+            "eval.pad_to_multiple",
+            f"must be >= 1 or null, got {self.pad_to_multiple}",
+        )
 
 
 @dataclass
@@ -234,7 +243,13 @@ class TrainConfig:
     memory_budget_gb: float = 10.0  # GPU memory the automatic split may fill (weights included)
     max_length: int = 2048  # tokens; longer examples are cut as the course metric cuts them
     max_grad_norm: float = 1.0  # gradient clipping, as the Hugging Face Trainer does by default; 0 disables
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    # Recompute activations in the backward pass: less memory a token, so larger and fewer passes, but each
+    # pass slower. null: measured on a GPU, on when a step then needs enough fewer passes (off on a CPU).
+    gradient_checkpointing: bool | None = None
+    pad_to_multiple: int | None = None  # padded pass width's multiple; null: 64 on a GPU, 1 on a CPU
+    # Multiply by a dequantised copy of the frozen NF4 base instead of dequantising it twice a pass (the same
+    # numbers); null: when the copy takes at most a quarter of memory_budget_gb (Gemma-3-270M: yes, a 7B: no).
+    dequantize_base: bool | None = None
     init_from: str | None = None  # an adapter folder to start from, or `previous` (the job before, in a sweep)
     resume: ResumeMode = ResumeMode.auto
     save_every: int = 50  # optimiser steps between checkpoints; 0 saves only at the end
@@ -244,7 +259,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "grad_accum", "micro_batch_tokens", "max_steps"):
+        for name in ("micro_batch_size", "grad_accum", "micro_batch_tokens", "max_steps", "pad_to_multiple"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"train.{name}", f"must be >= 1 or null, got {value}")
         if self.micro_batch_size and self.grad_accum:

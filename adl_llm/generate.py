@@ -20,7 +20,9 @@ from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
 
 CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits
-LOGIT_COPIES = 10  # fp32 vocabulary rows per sequence while a token is chosen (a bound; docs/BENCHMARKS.md)
+# fp32 vocabulary rows per sequence while a token is chosen (bounds; docs/BENCHMARKS.md): search (greedy or beams)
+# holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
+LOGIT_COPIES = {"search": 6, "sampling": 10}
 SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
 
 
@@ -34,8 +36,7 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     """`gen.batch_size`, or the prompts whose sequences fit `gen.memory_budget_gb` next to the model.
 
     A sequence (one per beam) holds its KV cache for `longest + max_new_tokens` positions and, while a token is
-    chosen, about LOGIT_COPIES fp32 rows of the vocabulary (logits, processed logits, probabilities, sort
-    indices): with Gemma's 262k tokens the latter dominate.
+    chosen, a few fp32 rows of the vocabulary (LOGIT_COPIES): with Gemma's 262k tokens the latter dominate.
     """
     device = next(model.parameters()).device
     if gen.batch_size:
@@ -46,7 +47,8 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
-    per_sequence = kv_per_token * (longest + gen.max_new_tokens) + LOGIT_COPIES * 4 * text.vocab_size
+    copies = LOGIT_COPIES["sampling" if gen.do_sample else "search"]
+    per_sequence = kv_per_token * (longest + gen.max_new_tokens) + copies * 4 * text.vocab_size
     room = gen.memory_budget_gb * 2**30 - torch.cuda.memory_allocated(device)
     return max(1, int(SAFETY * room / per_sequence) // gen.beams)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +25,20 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 def default_device() -> torch.device:
     """The GPU of this process (under torchrun, the one of its local rank), else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def attention_kernels(cudnn: bool) -> Iterator[None]:
+    """PyTorch's attention kernels for the work inside: flash, memory-efficient and math, and cuDNN if `cudnn`.
+
+    cuDNN's kernel is PyTorch's first choice on recent GPUs, but it builds an execution plan for each new shape,
+    and the shapes of training passes, perplexity batches and decoding steps keep changing.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel([*backends, SDPBackend.CUDNN_ATTENTION] if cudnn else backends):
+        yield
 
 
 def weight_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -33,6 +33,7 @@ def _run(raw: DictConfig) -> float | None:
         cfg = to_typed(raw)
         # Heavy imports (torch, transformers) wait until the config has passed its checks.
         from adl_llm import tasks
+        from adl_llm.modeling import attention_kernels
 
         runners = {
             TaskName.eval: tasks.run_eval,
@@ -40,7 +41,8 @@ def _run(raw: DictConfig) -> float | None:
             TaskName.generate: tasks.run_generate,
             TaskName.pipeline: tasks.run_pipeline,
         }
-        return runners[cfg.task.name](cfg)
+        with attention_kernels(cfg.model.cudnn_attention):
+            return runners[cfg.task.name](cfg)
     except Exception as exc:
         if _in_multirun():
             _record_failed_job(exc)

@@ -172,7 +172,13 @@ def evaluate_records(cfg: Config, model, tokenizer, records: list[Record], shots
         )
     started = time.perf_counter()
     with out_of_memory_advice("perplexity", f"eval.batch_size (now {cfg.eval.batch_size}) or eval.max_length"):
-        values = perplexities(model, examples, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
+        values = perplexities(
+            model,
+            examples,
+            batch_size=cfg.eval.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            pad_to_multiple=cfg.eval.pad_to_multiple,
+        )
     seconds = time.perf_counter() - started
     unscored = [r.id for r, v in zip(records, values) if math.isnan(v)]
     if unscored:

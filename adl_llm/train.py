@@ -18,21 +18,23 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from adl_llm.batching import answer_nll, collate
+from adl_llm.batching import answer_nll, collate, pad_multiple, padded_width
 from adl_llm.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
 from adl_llm.config import Config, LoraConfig, OptimConfig, ResumeMode, ScheduleConfig, TrainConfig
+from adl_llm.dequantize import dequantized_base
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
 from adl_llm.encode import Encoded
 
 log = logging.getLogger(__name__)
 CPU_PASS_TOKENS = 4096  # padded tokens per pass on a CPU, where memory is rarely what limits
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
+RECOMPUTE_COST = 1.5  # a checkpointed pass's time over a plain one's (Gemma-3-270M on an H200: 1.5)
 _GIB = 1024**3
 
 
@@ -98,7 +100,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
 
     Under torchrun every rank calls this with the same examples; each takes its share of every step.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     tc = cfg.train
     device = next(model.parameters()).device
@@ -120,8 +122,33 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     model.train()
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    budget = pass_token_budget(model, examples, tc, pad_id, device)
-    writer = _tensorboard(run_dir)
+    with dequantized_base(model, enabled=tc.dequantize_base, memory_budget_gb=tc.memory_budget_gb):
+        multiple = pad_multiple(tc.pad_to_multiple, device)
+        layout = PassLayout(pass_token_budget(model, examples, tc, pad_id, device, multiple), multiple, pad_id)
+        _train_steps(model, examples, cfg, state, optimizer, scheduler, total, checkpoints, layout)
+    if checkpointing_on(model):  # asked for, or turned on by the memory probe
+        model.gradient_checkpointing_disable()
+    model.eval()
+    return state
+
+
+@dataclass(frozen=True)
+class PassLayout:
+    """How a step's examples become forward/backward passes: padded tokens per pass, width multiple, pad id."""
+
+    token_budget: int
+    multiple: int
+    pad_id: int
+
+
+def _train_steps(model, examples, cfg: Config, state, optimizer, scheduler, total, checkpoints, layout: PassLayout):
+    """The optimiser steps from `state` to `total`, with progress, TensorBoard scalars and checkpoints."""
+    from peft import get_peft_model_state_dict
+
+    tc = cfg.train
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    writer = _tensorboard(checkpoints.parent)
     bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step", mininterval=2, disable=not is_main())
     batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
     while state.global_step < total:
@@ -133,8 +160,8 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # dropout masks of this step
         batch = [examples[i] for i in batches[state.step_in_epoch]]
         n_scored = sum(ex.n_scored for ex in batch)  # the whole step's answer tokens, over all ranks
-        passes = split_step(batch[rank() :: world_size()], tc, budget)
-        nll, tokens = accumulate_gradients(model, passes, n_scored, pad_id, device)
+        passes = split_step(batch[rank() :: world_size()], tc, layout.token_budget, layout.multiple)
+        nll, tokens = accumulate_gradients(model, passes, n_scored, layout.pad_id, device, layout.multiple)
         sum_gradients(trainable)
         totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device))
         loss, tokens = float(totals[0]) / max(1, n_scored), int(totals[1])
@@ -165,13 +192,9 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     bar.close()
     if writer:
         writer.close()
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.eval()
-    return state
 
 
-def split_step(batch: Sequence[Encoded], tc: TrainConfig, token_budget: int) -> list[list[Encoded]]:
+def split_step(batch: Sequence[Encoded], tc: TrainConfig, token_budget: int, multiple: int = 1) -> list[list[Encoded]]:
     """The forward/backward passes of one process's share of a step.
 
     A fixed split (train.micro_batch_size or train.grad_accum) keeps the data order, as the report's loop did;
@@ -182,63 +205,85 @@ def split_step(batch: Sequence[Encoded], tc: TrainConfig, token_budget: int) -> 
         return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
     passes: list[list[Encoded]] = []
     for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
-        # Sorted longest first, so a pass's padded size is its first example's length times its size.
-        if passes and len(passes[-1][0].input_ids) * (len(passes[-1]) + 1) <= token_budget:
+        # Sorted longest first, so a pass's padded size is its first example's padded length times its size.
+        if passes and padded_width(len(passes[-1][0].input_ids), multiple) * (len(passes[-1]) + 1) <= token_budget:
             passes[-1].append(ex)
         else:
             passes.append([ex])
     return passes
 
 
-def pass_token_budget(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> int:
+def pass_token_budget(
+    model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device, multiple: int = 1
+) -> int:
     """Padded tokens per pass: given, a CPU default, or measured on the GPU against train.memory_budget_gb.
 
-    Two passes, of the longest example once and twice, measure the memory of a pass as a fixed part plus
-    a part per token; the budget is the pass that fits in memory_budget_gb next to the weights, the gradients
-    and the optimiser state. If not even the longest example fits, gradient checkpointing is turned on.
+    On a GPU, two passes of the longest example (once and twice) measure the memory of a pass as a fixed part
+    plus a part per token; the budget is the pass that fits in memory_budget_gb next to the weights, the
+    gradients and the optimiser state. With train.gradient_checkpointing left null, checkpointing is measured
+    too and turned on when it runs a typical step in enough fewer passes to pay for recomputing the forward:
+    a pass costs mostly the CPU's issuing of its kernels (docs/BENCHMARKS.md), so fewer, larger passes win.
     """
     if tc.micro_batch_tokens or tc.examples_per_pass(world_size()):
         return tc.micro_batch_tokens or 0
     if device.type != "cuda":
         return CPU_PASS_TOKENS
     longest = max(examples, key=lambda ex: len(ex.input_ids))
-    length = len(longest.input_ids)
+    length = padded_width(len(longest.input_ids), multiple)
+    mean = sum(padded_width(len(ex.input_ids), multiple) for ex in examples) / len(examples)
+    step_tokens = mean * math.ceil(tc.batch_size / world_size())  # a typical step's share of this process
+
+    def passes(budget: int | None) -> float:
+        return math.ceil(step_tokens / budget) if budget and budget >= length else math.inf
+
+    plain = None if tc.gradient_checkpointing else _measured_budget(model, longest, tc, pad_id, device, multiple)
+    if tc.gradient_checkpointing is False or (plain and passes(plain) == 1):
+        return max(plain or 0, length)
+    enable_gradient_checkpointing(model)
+    checkpointed = _measured_budget(model, longest, tc, pad_id, device, multiple)
+    if tc.gradient_checkpointing is None:
+        if passes(plain) < math.inf and passes(plain) <= RECOMPUTE_COST * passes(checkpointed):
+            model.gradient_checkpointing_disable()
+            return max(plain, length)
+        log.info(
+            "gradient checkpointing on: %s passes a step without it, %s with it", passes(plain), passes(checkpointed)
+        )
+    if checkpointed is None:
+        raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
+    return max(checkpointed, length)
+
+
+def _measured_budget(model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int) -> int | None:
+    """Padded tokens per pass that fit train.memory_budget_gb as the model is now; None if the probe runs out."""
+    length = padded_width(len(longest.input_ids), multiple)
     limit = min(tc.memory_budget_gb * _GIB, 0.9 * torch.cuda.get_device_properties(device).total_memory)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for attempt in ("as is", "with gradient checkpointing"):
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
-        try:
-            one, two = (_pass_peak(model, [longest] * n, pad_id, device) - base for n in (1, 2))
-        except torch.OutOfMemoryError:  # not even the probe fits as is: checkpointing, or a real error
-            if attempt != "as is":
-                raise
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            log.info("the memory probe ran out of GPU memory: gradient checkpointing on")
-            enable_gradient_checkpointing(model)
-            continue
-        per_token = max((two - one) / length, 1.0)
-        fixed = max(one - per_token * length, 0.0)
-        budget = int(SAFETY * (limit - base - fixed) / per_token)
-        if budget >= length or attempt != "as is":
-            break
-        log.info("a pass of the longest example does not fit train.memory_budget_gb: gradient checkpointing on")
-        enable_gradient_checkpointing(model)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
+    try:
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple) - base for n in (1, 2))
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+    per_token = max((two - one) / length, 1.0)
+    fixed = max(one - per_token * length, 0.0)
+    budget = int(SAFETY * (limit - base - fixed) / per_token)
     log.info(
-        "passes of up to %d padded tokens (%.0f KiB per token + %.0f MiB, budget %.1f GiB)",
+        "%s: passes of up to %d padded tokens (%.0f KiB per token + %.0f MiB, budget %.1f GiB)",
+        "checkpointing" if checkpointing_on(model) else "no checkpointing",
         budget,
         per_token / 1024,
         fixed / 2**20,
         limit / _GIB,
     )
-    return max(budget, length)
+    return budget
 
 
-def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device) -> int:
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int) -> int:
     """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
     torch.cuda.reset_peak_memory_stats(device)
-    accumulate_gradients(model, [examples], 1, pad_id, device)
+    accumulate_gradients(model, [examples], 1, pad_id, device, multiple)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device)
 
@@ -247,8 +292,13 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def checkpointing_on(model) -> bool:
+    """Whether any layer recomputes its activations (transformers' flag, read the same way in 4.x and 5.x)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def accumulate_gradients(
-    model, passes: Sequence[Sequence[Encoded]], n_scored: int, pad_id: int, device
+    model, passes: Sequence[Sequence[Encoded]], n_scored: int, pad_id: int, device, multiple: int = 1
 ) -> tuple[float, int]:
     """Add the gradient of (summed answer-token NLL of `passes`) / `n_scored`, the step's answer-token count.
 
@@ -257,7 +307,7 @@ def accumulate_gradients(
     total_nll = torch.zeros((), device=device)
     tokens = 0
     for examples in passes:
-        batch = collate(examples, pad_id, device)
+        batch = collate(examples, pad_id, device, multiple=multiple)
         nll = answer_nll(model, batch).nll.sum()
         (nll / max(1, n_scored)).backward()
         total_nll += nll.detach()

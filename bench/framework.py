@@ -34,7 +34,7 @@ def train_framework(
     """`steps` optimiser steps of `adl_llm.train.train` from a fresh adapter, as `run_train` sets it up."""
     from transformers import set_seed
 
-    from adl_llm.modeling import load_model
+    from adl_llm.modeling import attention_kernels, load_model
     from adl_llm.train import add_lora, train
 
     cfg = compose(
@@ -51,7 +51,8 @@ def train_framework(
     messages = _LogCollector("adl_llm.train")  # what the trainer decided (pass sizes, checkpointing)
     started = measure.now()
     try:
-        state = train(model, examples, cfg, Path(work_dir), pad_id)
+        with attention_kernels(cfg.model.cudnn_attention):
+            state = train(model, examples, cfg, Path(work_dir), pad_id)
     finally:
         messages.detach()
     wall = measure.now() - started
@@ -85,21 +86,29 @@ class _LogCollector(logging.Handler):
         self.logger.removeHandler(self)
 
 
-def ppl_framework(model, examples: Sequence[Encoded], *, batch_size: int, pad_id: int) -> tuple[list[float], float]:
-    """`adl_llm.evaluate.perplexities`: per-example values and the seconds it took."""
+def ppl_framework(
+    model, examples: Sequence[Encoded], *, batch_size: int, pad_id: int, cfg: Config
+) -> tuple[list[float], float]:
+    """`adl_llm.evaluate.perplexities` with `cfg.eval` and `cfg.model`'s kernels: per-example values, seconds."""
     from adl_llm.evaluate import perplexities
+    from adl_llm.modeling import attention_kernels
 
     started = measure.now()
-    values = perplexities(model, examples, batch_size=batch_size, pad_id=pad_id, progress=False)
+    with attention_kernels(cfg.model.cudnn_attention):
+        values = perplexities(
+            model, examples, batch_size=batch_size, pad_id=pad_id, pad_to_multiple=cfg.eval.pad_to_multiple
+        )
     return values, measure.now() - started
 
 
-def generate_framework(model, tokenizer, prompts: Sequence[str], gen) -> dict:
+def generate_framework(model, tokenizer, prompts: Sequence[str], gen, *, cudnn: bool) -> dict:
     """`adl_llm.generate.generate_texts`: batched, left-padded decoding with the settings of `gen`."""
     from adl_llm.generate import generate_texts
+    from adl_llm.modeling import attention_kernels
 
     measure.reset_peak()
     started = measure.now()
-    texts = generate_texts(model, tokenizer, prompts, gen, progress=False)
+    with attention_kernels(cudnn):
+        texts = generate_texts(model, tokenizer, prompts, gen, progress=False)
     seconds = measure.now() - started
     return {"texts": texts, "seconds": seconds, "examples_per_s": len(prompts) / seconds, **measure.peak()}

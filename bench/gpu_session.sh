@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh setup bench_train      # training speed: seed-style vs adl-llm (about 5 minutes)
 #   bash bench/gpu_session.sh bench_infer ddp        # perplexity and generation; training on 1 vs 2 GPUs
 #   bash bench/gpu_session.sh bench7b                # speed and memory on a random-weight Llama-2-7B shape
+#   bash bench/gpu_session.sh bench7b_train          # its training only, with and without checkpointing
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 # Everything it writes goes under $OUT (default outputs/gpu), which is what comes back from the machine.
 set -euo pipefail
@@ -68,6 +69,13 @@ ddp() {  # training tokens/s on 1 and 2 GPUs over the first 200 steps of the 300
     hydra.run.dir="$OUT/ddp/2gpu" > "$OUT/ddp-2gpu.log" 2>&1 || true
   rm -rf "$OUT"/ddp/*/adapter "$OUT"/ddp/*/checkpoints
   grep -h '"train/tokens_per_s"\|"train/seconds_per_epoch"\|"mean_perplexity"' "$OUT"/ddp/*/metrics.json || tail "$OUT"/ddp-*.log
+}
+
+bench7b_train() {  # the 7B's training only, with and without the automatic gradient checkpointing
+  test -d /tmp/llama7b || $PY -m bench.build_llama7b /tmp/llama7b
+  CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train --train-steps 10 \
+    --ablation-steps 10 --ablations no_checkpointing --out "$OUT/bench" 2>&1 | log bench-llama7b-train
+  tail -n 40 "$OUT/bench-llama7b-train.log"
 }
 
 bench7b() {  # a random-weight Llama-2-7B shape: speed and memory only

@@ -10,14 +10,17 @@ pass waits on the GPU or on Python and kernel launches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
+from adl_llm.batching import pad_multiple
 from adl_llm.data import load_records
+from adl_llm.dequantize import dequantized_base
 from adl_llm.encode import encode_examples
-from adl_llm.modeling import load_model, load_tokenizer, model_source
+from adl_llm.modeling import attention_kernels, load_model, load_tokenizer, model_source
 from adl_llm.prompts import build_prompts
 from adl_llm.train import accumulate_gradients, add_lora, restore_cpu_nf4_training_path
 from bench import framework, measure
@@ -44,9 +47,15 @@ def main(argv=None) -> None:
     model.train()
     device = next(model.parameters()).device
     n_scored = sum(ex.n_scored for ex in examples)
+    multiple = pad_multiple(cfg.train.pad_to_multiple, device)
+    defaults = contextlib.ExitStack()  # the kernels and the base that training uses by default
+    defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
+    defaults.enter_context(
+        dequantized_base(model, enabled=cfg.train.dequantize_base, memory_budget_gb=cfg.train.memory_budget_gb)
+    )
 
     def one_pass() -> None:
-        accumulate_gradients(model, [examples], n_scored, tokenizer.pad_token_id, device)
+        accumulate_gradients(model, [examples], n_scored, tokenizer.pad_token_id, device, multiple)
         model.zero_grad(set_to_none=True)
 
     for _ in range(args.passes):  # warm-up: allocator, kernels, caches
@@ -76,6 +85,7 @@ def main(argv=None) -> None:
     ]
     if device.type == "cuda":
         lines.append(averages.table(sort_by="self_device_time_total", row_limit=30))
+    defaults.close()
     report = "\n".join(lines)
     (args.out / "profile.txt").write_text(report, encoding="utf-8")
     print(report, flush=True)

@@ -138,7 +138,7 @@ def _split(run: dict) -> str:
     train = settings.get("train") or settings
     if "micro_batch_size" not in train:
         return ""
-    checkpointing = "on" if train.get("gradient_checkpointing") else "off"
+    checkpointing = {True: "on", False: "off"}.get(train.get("gradient_checkpointing"), "auto")
     if train["micro_batch_size"] or train["grad_accum"]:
         return f"{train['micro_batch_size'] or '?'} x {train['grad_accum'] or '?'}, {checkpointing}"
     return f"by length, {train.get('micro_batch_tokens') or 'auto'} tokens/pass, {checkpointing}"

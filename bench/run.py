@@ -41,6 +41,10 @@ DEFAULT_PATHS = {"embedded": "embedded:gemma3-270m", "llama7b": "/tmp/llama7b"}
 ABLATIONS = {
     "2x8": ("train.micro_batch_size=2", "train.grad_accum=8"),  # the seed's split of the effective batch of 16
     "checkpointing": ("train.gradient_checkpointing=true",),  # the seed's gradient checkpointing
+    "no_checkpointing": ("train.gradient_checkpointing=false",),  # never, even where it saves passes
+    "cudnn_attention": ("model.cudnn_attention=true",),  # PyTorch's default attention kernel on an H100/H200
+    "unbucketed": ("train.pad_to_multiple=1",),  # passes padded to their longest example only
+    "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
 }
 PARTS = ("train", "ppl", "gen")
 
@@ -55,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--ablation-steps", type=int, help="steps of each ablation run (default --train-steps; 0: none)"
     )
+    parser.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated names of ABLATIONS")
     parser.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the steady-state rate")
     parser.add_argument("--n-train", type=int, default=3000, help="first N training records, as the seed report")
     parser.add_argument("--n-eval", type=int, default=250, help="first N public-test records for perplexity")
@@ -70,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    args.ablations = [a for a in args.ablations.split(",") if a]
+    unknown = set(args.ablations) - set(ABLATIONS)
+    if unknown:
+        parser.error(f"--ablations: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
     args.model_path = args.model_path or DEFAULT_PATHS[args.model]
     if args.ablation_steps is None:
         args.ablation_steps = args.train_steps
@@ -130,9 +139,10 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
     save("framework", _part("train adl-llm", lambda: run(args.train_steps, work_dir=scratch / "default")))
     if not args.ablation_steps:
         return
-    defaults = framework.compose().train
-    for name, overrides in ABLATIONS.items():
-        if framework.compose(*overrides).train == defaults:
+    defaults = framework.compose()
+    for name in args.ablations:
+        overrides = ABLATIONS[name]
+        if framework.compose(*overrides) == defaults:
             save(f"ablation_{name}", {"same_as": "framework"})  # the defaults already are the seed's choice
             continue
         work = scratch / name
@@ -165,7 +175,7 @@ def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
     out = {
         "n_examples": len(examples),
         "mean_example_tokens": sum(len(e.input_ids) for e in examples) / len(examples),
-        **compare_ppl(model, examples, pad_id, batch_sizes, default=cfg.eval.batch_size),
+        **compare_ppl(model, examples, pad_id, batch_sizes, cfg=cfg),
     }
     if args.precision_check:
         del model
@@ -173,21 +183,23 @@ def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
         exact = load_model(
             framework.compose(f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32").model
         )
-        out["fp32"] = compare_ppl(exact, examples, pad_id, [cfg.eval.batch_size], default=cfg.eval.batch_size)
+        out["fp32"] = compare_ppl(exact, examples, pad_id, [cfg.eval.batch_size], cfg=cfg)
     return out
 
 
-def compare_ppl(model, examples, pad_id: int, batch_sizes: list[int], *, default: int) -> dict:
-    """The one-example loop against adl-llm at each batch size; the differences are those at `default`."""
+def compare_ppl(model, examples, pad_id: int, batch_sizes: list[int], *, cfg) -> dict:
+    """The one-example loop against adl-llm at each batch size; the differences are those at eval.batch_size."""
+    default = cfg.eval.batch_size
+    ours = partial(framework.ppl_framework, model, pad_id=pad_id, cfg=cfg)
     baseline.ppl_baseline(model, examples[:2])  # warm-up of both paths at every batch size, untimed
     for batch_size in batch_sizes:
-        framework.ppl_framework(model, examples[: 2 * batch_size], batch_size=batch_size, pad_id=pad_id)
+        ours(examples[: 2 * batch_size], batch_size=batch_size)
     measure.reset_peak()
     base_values, base_seconds = baseline.ppl_baseline(model, examples)
     out = {"baseline": {"seconds": base_seconds, "ppl": _clean(base_values), **measure.peak()}, "framework": {}}
     for batch_size in batch_sizes:
         measure.reset_peak()
-        values, seconds = framework.ppl_framework(model, examples, batch_size=batch_size, pad_id=pad_id)
+        values, seconds = ours(examples, batch_size=batch_size)
         out["framework"][str(batch_size)] = {"seconds": seconds, "ppl": _clean(values), **measure.peak()}
     fw_values = out["framework"][str(default)]["ppl"]
     pairs = [(b, f) for b, f in zip(out["baseline"]["ppl"], fw_values) if b is not None and f is not None]
@@ -217,9 +229,9 @@ def bench_gen(args, cfg, model, tokenizer, records) -> dict:
         )
         warm = dataclasses.replace(gen, max_new_tokens=2)
         baseline.generate_baseline(model, tokenizer, prompts[:1], warm)  # warm-up, untimed
-        framework.generate_framework(model, tokenizer, prompts[:1], warm)
+        framework.generate_framework(model, tokenizer, prompts[:1], warm, cudnn=cfg.model.cudnn_attention)
         base = baseline.generate_baseline(model, tokenizer, prompts[:n_base], gen)
-        fw = framework.generate_framework(model, tokenizer, prompts, gen)
+        fw = framework.generate_framework(model, tokenizer, prompts, gen, cudnn=cfg.model.cudnn_attention)
         same = sum(b == f for b, f in zip(base["texts"], fw["texts"]))
         settings = dataclasses.asdict(gen)
         out[f"beams{beams}"] = {"settings": settings, "baseline": base, "framework": fw, "same_text": same}

@@ -47,8 +47,16 @@ def test_batched_equals_plain_loop_at_every_batch_size(setup, max_length):
     if max_length == 115:  # some answers lose their tail, two lose all of it (NaN in both computations)
         assert sum(ex.truncated for ex in examples) > 2 and sum(not ex.n_scored for ex in examples) == 2
     expected = [reference_ppl(model, tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
-    for batch_size in (1, 4, 7, 23):
-        got = perplexities(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=False)
+    # (7, 64): every batch padded to a multiple of 64 columns, as on a GPU
+    for batch_size, multiple in ((1, 1), (4, 1), (7, 1), (23, 1), (7, 64)):
+        got = perplexities(
+            model,
+            examples,
+            batch_size=batch_size,
+            pad_id=tokenizer.pad_token_id,
+            pad_to_multiple=multiple,
+            progress=False,
+        )
         for value, ref in zip(got, expected):
             assert (math.isnan(value) and math.isnan(ref)) or abs(value - ref) / ref < 1e-5, (
                 batch_size,

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from adl_llm.batching import padded_width
 from adl_llm.checkpoint import complete_checkpoints
 from adl_llm.config import PROJECT_ROOT, DType, ModelConfig, Quant
 from adl_llm.data import load_records
@@ -96,7 +97,10 @@ def test_two_by_eight_accumulates_the_gradient_of_sixteen_by_one(tiny_model_dir,
     auto = compose_config("train.micro_batch_tokens=300").train
     splits.append(split_step(examples, auto, 300))  # the default: passes of similar length under a token budget
     assert len(splits[-1]) > 2 and sorted(id(ex) for p in splits[-1] for ex in p) == sorted(map(id, examples))
-    for passes in splits:
+    bucketed = split_step(examples, auto, 300, multiple=16)  # as on a GPU: pass widths rounded up to 16 columns
+    assert all(len(p) == 1 or padded_width(len(p[0].input_ids), 16) * len(p) <= 300 for p in bucketed)
+    cases = [(passes, 1) for passes in splits] + [(bucketed, 16)]
+    for passes, multiple in cases:
         model = _model(tiny_model_dir, seed=3, lora_dropout=0.0)  # dropout off: its masks draw randomness
         torch.manual_seed(4)
         for name, param in model.named_parameters():
@@ -104,7 +108,7 @@ def test_two_by_eight_accumulates_the_gradient_of_sixteen_by_one(tiny_model_dir,
                 param.data.normal_(std=0.1)
         model.train()
         n_scored = sum(ex.n_scored for ex in examples)
-        loss, tokens = accumulate_gradients(model, passes, n_scored, pad_id=0, device=torch.device("cpu"))
+        loss, tokens = accumulate_gradients(model, passes, n_scored, 0, torch.device("cpu"), multiple)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss, tokens, grads))
     loss, tokens, grads = results[0]
@@ -209,3 +213,41 @@ def test_partial_checkpoint_is_ignored_and_other_settings_are_refused(tiny_model
 
     with pytest.raises(UserError, match="other training settings"):
         _train(_model(tiny_model_dir), examples, run_dir, *settings, "optim.lr=1.0")
+
+
+@pytest.mark.parametrize(
+    ("setting", "plain", "checkpointed", "expected"),
+    [
+        (None, 4000, 20000, (4000, False)),  # one pass a step without it: checkpointing is not even measured
+        (None, 1000, 20000, (20000, True)),  # 3 passes against 1: recomputing the forward pays
+        (None, 1000, 1200, (1000, False)),  # 3 passes against 2: not enough fewer to pay for the recompute
+        (None, None, 20000, (20000, True)),  # the plain probe ran out of memory
+        (False, 1000, 20000, (1000, False)),  # asked off: stays off
+        (True, 4000, 20000, (20000, True)),  # asked on: stays on
+    ],
+)
+def test_gpu_pass_budget_turns_checkpointing_on_when_it_saves_passes(
+    tiny_model_dir, tokenizer, monkeypatch, setting, plain, checkpointed, expected
+):
+    """The measured budgets are stubbed (no GPU here); what is decided from them is the code under test."""
+    from adl_llm import train as training
+
+    examples = _examples(tokenizer, 16)
+    longest = max(len(ex.input_ids) for ex in examples)
+    step = sum(len(ex.input_ids) for ex in examples)  # the 16 examples are one typical step
+    assert longest <= 1000 and 2000 < step <= 2400  # what the cases above assume
+    model = _model(tiny_model_dir)
+    probed = []
+
+    def measured(model, *args):
+        on = training.checkpointing_on(model)
+        probed.append(on)
+        return checkpointed if on else plain
+
+    monkeypatch.setattr(training, "_measured_budget", measured)
+    if setting:
+        training.enable_gradient_checkpointing(model)
+    tc = compose_config(f"train.gradient_checkpointing={'null' if setting is None else str(setting).lower()}").train
+    budget = training.pass_token_budget(model, examples, tc, 0, torch.device("cuda"))
+    assert (budget, training.checkpointing_on(model)) == expected
+    assert probed == {None: [False] if plain == 4000 else [False, True], False: [False], True: [True]}[setting]

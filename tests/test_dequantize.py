@@ -1,0 +1,79 @@
+"""Training over a dequantised copy of the NF4 base gives the numbers of bitsandbytes' own path."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer
+
+from adl_llm.config import ModelConfig, Quant
+from adl_llm.data import load_records
+from adl_llm.dequantize import dequantized_base, dequantized_bytes, nf4_layers
+from adl_llm.encode import encode_examples
+from adl_llm.modeling import attention_kernels, load_model
+from adl_llm.prompts import build_prompts
+from adl_llm.train import accumulate_gradients, add_lora
+from tests.conftest import TRAIN_FILE, compose_config
+
+
+def _nf4_model_and_examples(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = load_records(str(TRAIN_FILE), need_outputs=True, limit=6)
+    prompts = build_prompts([r.instruction for r in records], compose_config().prompt)
+    examples = encode_examples(tokenizer, prompts, [r.output for r in records], 2048)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = add_lora(model, compose_config("lora.lora_dropout=0.0").lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave A without a gradient
+            param.data.normal_(std=0.1)
+    return model.train(), examples
+
+
+def _loss_and_grads(model, examples):
+    n_scored = sum(ex.n_scored for ex in examples)
+    loss, _ = accumulate_gradients(model, [examples], n_scored, pad_id=0, device=torch.device("cpu"))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def test_same_loss_and_lora_gradients_as_the_nf4_path(tiny_model_dir, monkeypatch):
+    import bitsandbytes
+
+    model, examples = _nf4_model_and_examples(tiny_model_dir)
+    loss, grads = _loss_and_grads(model, examples)
+    with dequantized_base(model, enabled=True, memory_budget_gb=1.0) as used, monkeypatch.context() as patch:
+        patch.setattr(bitsandbytes, "matmul_4bit", _not_called)  # proof that the copy, not NF4, is multiplied
+        assert used and all("forward" in vars(layer) for layer in nf4_layers(model))
+        cached_loss, cached_grads = _loss_and_grads(model, examples)
+    assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' forward again
+    assert len(grads) == 8 and cached_loss == loss
+    for name, grad in grads.items():  # the same dequantised values and matmuls: the same numbers
+        assert torch.equal(cached_grads[name], grad), name
+    assert _loss_and_grads(model, examples)[0] == loss
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("the NF4 matmul ran inside dequantized_base")
+
+
+def test_the_copy_is_made_only_where_it_fits_a_quarter_of_the_budget(tiny_model_dir):
+    model, _ = _nf4_model_and_examples(tiny_model_dir)
+    size = dequantized_bytes(model, torch.bfloat16)
+    assert size == 2 * sum(layer.in_features * layer.out_features for layer in nf4_layers(model))
+    fits, crowded = 4.01 * size / 2**30, 3.99 * size / 2**30
+    with dequantized_base(model, enabled=None, memory_budget_gb=fits) as used:
+        assert used
+    with dequantized_base(model, enabled=None, memory_budget_gb=crowded) as used:
+        assert not used and all("forward" not in vars(layer) for layer in nf4_layers(model))
+    with dequantized_base(model, enabled=False, memory_budget_gb=100.0) as used:
+        assert not used
+
+
+def test_attention_kernels_leave_cudnn_out_unless_asked_and_restore_the_setting():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(cudnn=False):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    with attention_kernels(cudnn=True):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
