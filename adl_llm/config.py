@@ -244,7 +244,8 @@ class TrainConfig:
     max_length: int = 2048  # tokens; longer examples are cut as the course metric cuts them
     max_grad_norm: float = 1.0  # gradient clipping, as the Hugging Face Trainer does by default; 0 disables
     # Recompute activations in the backward pass: less memory a token, so larger and fewer passes, but each
-    # pass slower. null: measured on a GPU, on when a step then needs enough fewer passes (off on a CPU).
+    # pass slower. null: with the automatic split on a GPU, measured and on when a step then needs enough fewer
+    # passes; otherwise off.
     gradient_checkpointing: bool | None = None
     pad_to_multiple: int | None = None  # padded pass width's multiple; null: 64 on a GPU, 1 on a CPU
     # Multiply by a dequantised copy of the frozen NF4 base instead of dequantising it twice a pass (the same

@@ -1,11 +1,12 @@
-"""Training over a dequantised copy of a small NF4 base: the same numbers, without re-dequantising every pass.
+"""Training over a dequantised copy of a small NF4 base: bitsandbytes' values, without re-dequantising every pass.
 
 bitsandbytes multiplies by an NF4 weight by dequantising it to the compute dtype and calling a plain matmul, and
 does so again for the input gradient of the backward pass: two dequantisations and two autograd hops of Python
 per layer and pass. For a small model that CPU work, not the GPU, sets the pace of a step (docs/BENCHMARKS.md).
 While training, the frozen base never changes, so when its dequantised copy is small next to the memory budget
-the layers multiply by that copy instead: the same dequantised values, the same matmul, the same adapter.
-The NF4 weights stay where they are; the copy lives only for the training run.
+the layers multiply by that copy instead: the same dequantised values and the same matmul as bitsandbytes uses for
+a pass of more than a few hundred tokens (smaller ones go through its fused 4-bit kernel on a GPU, which rounds
+differently), so the same adapter. The NF4 weights stay where they are; the copy lives only for the training run.
 """
 
 from __future__ import annotations
@@ -34,29 +35,32 @@ def dequantized_bytes(model, dtype: torch.dtype) -> int:
 
 
 @contextlib.contextmanager
-def dequantized_base(model, *, enabled: bool | None, memory_budget_gb: float) -> Iterator[bool]:
+def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Iterator[bool]:
     """Inside, every NF4 layer of `model` multiplies by its dequantised weight; yields whether it does.
 
-    `enabled=None` decides from memory: on when the copy takes at most BUDGET_SHARE of `memory_budget_gb`.
+    `enabled=None` decides from memory: on when the copy takes at most BUDGET_SHARE of `memory_limit` bytes.
+    A base not loaded as adl_llm.modeling loads it (no single compute dtype, or forwards that hooks replaced, as
+    accelerate's offloading does) is left as it is.
     """
     layers = nf4_layers(model)
-    if not layers or enabled is False:
+    dtype = layers[0].compute_dtype if layers else None
+    plain = all(layer.compute_dtype == dtype and "forward" not in vars(layer) for layer in layers)
+    if dtype is None or enabled is False or not plain:
         yield False
         return
-    dtype = layers[0].compute_dtype or torch.float32
     size = dequantized_bytes(model, dtype)
-    if enabled is None and size > BUDGET_SHARE * memory_budget_gb * _GIB:
+    if enabled is None and size > BUDGET_SHARE * memory_limit:
         log.info("NF4 base used as is: its dequantised copy (%.1f GiB) would crowd the passes", size / _GIB)
         yield False
         return
-    for layer in layers:
-        layer.forward = _DequantizedForward(layer)
-    log.info("NF4 base dequantised once for training (%.2f GiB of %s)", size / _GIB, dtype)
     try:
-        yield True
-    finally:
         for layer in layers:
-            del layer.forward  # the class's own forward again
+            layer.forward = _DequantizedForward(layer)
+        log.info("NF4 base dequantised once for training (%.2f GiB of %s)", size / _GIB, dtype)
+        yield True
+    finally:  # also after an error, or a copy that ran out of memory half-way
+        for layer in layers:
+            vars(layer).pop("forward", None)  # the class's own forward again
 
 
 class _DequantizedForward:
@@ -66,7 +70,7 @@ class _DequantizedForward:
         from bitsandbytes.functional import dequantize_4bit
 
         self.layer = layer
-        self.dtype = layer.compute_dtype or torch.float32
+        self.dtype = layer.compute_dtype
         self.weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

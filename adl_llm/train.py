@@ -122,14 +122,22 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     model.train()
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    with dequantized_base(model, enabled=tc.dequantize_base, memory_budget_gb=tc.memory_budget_gb):
-        multiple = pad_multiple(tc.pad_to_multiple, device)
-        layout = PassLayout(pass_token_budget(model, examples, tc, pad_id, device, multiple), multiple, pad_id)
-        _train_steps(model, examples, cfg, state, optimizer, scheduler, total, checkpoints, layout)
-    if checkpointing_on(model):  # asked for, or turned on by the memory probe
-        model.gradient_checkpointing_disable()
-    model.eval()
+    try:
+        with dequantized_base(model, enabled=tc.dequantize_base, memory_limit=memory_limit(tc, device)):
+            multiple = pad_multiple(tc.pad_to_multiple, device)
+            layout = PassLayout(pass_token_budget(model, examples, tc, pad_id, device, multiple), multiple, pad_id)
+            _train_steps(model, examples, cfg, state, optimizer, scheduler, total, checkpoints, layout)
+    finally:  # evaluation and generation follow in the same process
+        disable_gradient_checkpointing(model)
+        model.eval()
     return state
+
+
+def memory_limit(tc: TrainConfig, device) -> float:
+    """Bytes training may fill: train.memory_budget_gb, at most 90% of the GPU's memory."""
+    if device.type != "cuda":
+        return tc.memory_budget_gb * _GIB
+    return min(tc.memory_budget_gb * _GIB, 0.9 * torch.cuda.get_device_properties(device).total_memory)
 
 
 @dataclass(frozen=True)
@@ -221,8 +229,9 @@ def pass_token_budget(
     On a GPU, two passes of the longest example (once and twice) measure the memory of a pass as a fixed part
     plus a part per token; the budget is the pass that fits in memory_budget_gb next to the weights, the
     gradients and the optimiser state. With train.gradient_checkpointing left null, checkpointing is measured
-    too and turned on when it runs a typical step in enough fewer passes to pay for recomputing the forward:
-    a pass costs mostly the CPU's issuing of its kernels (docs/BENCHMARKS.md), so fewer, larger passes win.
+    too and turned on when the first steps of an epoch, split as split_step splits them, take enough fewer passes
+    to pay for recomputing the forward: a pass costs mostly the CPU's issuing of its kernels (docs/BENCHMARKS.md),
+    so fewer, larger passes win.
     """
     if tc.micro_batch_tokens or tc.examples_per_pass(world_size()):
         return tc.micro_batch_tokens or 0
@@ -230,23 +239,31 @@ def pass_token_budget(
         return CPU_PASS_TOKENS
     longest = max(examples, key=lambda ex: len(ex.input_ids))
     length = padded_width(len(longest.input_ids), multiple)
-    mean = sum(padded_width(len(ex.input_ids), multiple) for ex in examples) / len(examples)
-    step_tokens = mean * math.ceil(tc.batch_size / world_size())  # a typical step's share of this process
+    # This process's share of the first steps of an epoch, as split_step will cut them into passes.
+    shares = [
+        [examples[i] for i in step[rank() :: world_size()]]
+        for step in epoch_batches(len(examples), tc.batch_size, 0, 0)[:32]
+    ]
 
     def passes(budget: int | None) -> float:
-        return math.ceil(step_tokens / budget) if budget and budget >= length else math.inf
+        """Mean passes a step under `budget`, or infinity where the longest example does not fit."""
+        if not budget or budget < length:
+            return math.inf
+        return sum(len(split_step(share, tc, budget, multiple)) for share in shares) / len(shares)
 
     plain = None if tc.gradient_checkpointing else _measured_budget(model, longest, tc, pad_id, device, multiple)
-    if tc.gradient_checkpointing is False or (plain and passes(plain) == 1):
+    if tc.gradient_checkpointing is False or passes(plain) == 1:
         return max(plain or 0, length)
     enable_gradient_checkpointing(model)
     checkpointed = _measured_budget(model, longest, tc, pad_id, device, multiple)
     if tc.gradient_checkpointing is None:
         if passes(plain) < math.inf and passes(plain) <= RECOMPUTE_COST * passes(checkpointed):
-            model.gradient_checkpointing_disable()
+            disable_gradient_checkpointing(model)
             return max(plain, length)
         log.info(
-            "gradient checkpointing on: %s passes a step without it, %s with it", passes(plain), passes(checkpointed)
+            "gradient checkpointing on: %.1f passes a step without it, %.1f with it",
+            passes(plain),
+            passes(checkpointed),
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
@@ -256,7 +273,7 @@ def pass_token_budget(
 def _measured_budget(model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int) -> int | None:
     """Padded tokens per pass that fit train.memory_budget_gb as the model is now; None if the probe runs out."""
     length = padded_width(len(longest.input_ids), multiple)
-    limit = min(tc.memory_budget_gb * _GIB, 0.9 * torch.cuda.get_device_properties(device).total_memory)
+    limit = memory_limit(tc, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
@@ -289,7 +306,18 @@ def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple
 
 
 def enable_gradient_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not checkpointing_on(model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model) -> None:
+    """Off again, with the hook that enabling put on the input embeddings (transformers leaves it on a PEFT model)."""
+    if not checkpointing_on(model):
+        return
+    model.gradient_checkpointing_disable()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "_require_grads_hook"):
+        base.disable_input_require_grads()
 
 
 def checkpointing_on(model) -> bool:

@@ -48,7 +48,7 @@ def train_framework(
     measure.reset_peak()
     set_seed(cfg.seed)
     model = add_lora(load_model(cfg.model), cfg.lora)
-    messages = _LogCollector("adl_llm.train")  # what the trainer decided (pass sizes, checkpointing)
+    messages = _LogCollector("adl_llm")  # what adl-llm decided (pass sizes, checkpointing, the dequantised base)
     started = measure.now()
     try:
         with attention_kernels(cfg.model.cudnn_attention):
@@ -96,7 +96,12 @@ def ppl_framework(
     started = measure.now()
     with attention_kernels(cfg.model.cudnn_attention):
         values = perplexities(
-            model, examples, batch_size=batch_size, pad_id=pad_id, pad_to_multiple=cfg.eval.pad_to_multiple
+            model,
+            examples,
+            batch_size=batch_size,
+            pad_id=pad_id,
+            pad_to_multiple=cfg.eval.pad_to_multiple,
+            progress=False,
         )
     return values, measure.now() - started
 

@@ -22,7 +22,7 @@ from adl_llm.dequantize import dequantized_base
 from adl_llm.encode import encode_examples
 from adl_llm.modeling import attention_kernels, load_model, load_tokenizer, model_source
 from adl_llm.prompts import build_prompts
-from adl_llm.train import accumulate_gradients, add_lora, restore_cpu_nf4_training_path
+from adl_llm.train import accumulate_gradients, add_lora, memory_limit, restore_cpu_nf4_training_path
 from bench import framework, measure
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     defaults = contextlib.ExitStack()  # the kernels and the base that training uses by default
     defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
     defaults.enter_context(
-        dequantized_base(model, enabled=cfg.train.dequantize_base, memory_budget_gb=cfg.train.memory_budget_gb)
+        dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=memory_limit(cfg.train, device))
     )
 
     def one_pass() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -42,7 +45,7 @@ def test_same_loss_and_lora_gradients_as_the_nf4_path(tiny_model_dir, monkeypatc
 
     model, examples = _nf4_model_and_examples(tiny_model_dir)
     loss, grads = _loss_and_grads(model, examples)
-    with dequantized_base(model, enabled=True, memory_budget_gb=1.0) as used, monkeypatch.context() as patch:
+    with dequantized_base(model, enabled=True, memory_limit=2**30) as used, monkeypatch.context() as patch:
         patch.setattr(bitsandbytes, "matmul_4bit", _not_called)  # proof that the copy, not NF4, is multiplied
         assert used and all("forward" in vars(layer) for layer in nf4_layers(model))
         cached_loss, cached_grads = _loss_and_grads(model, examples)
@@ -61,12 +64,12 @@ def test_the_copy_is_made_only_where_it_fits_a_quarter_of_the_budget(tiny_model_
     model, _ = _nf4_model_and_examples(tiny_model_dir)
     size = dequantized_bytes(model, torch.bfloat16)
     assert size == 2 * sum(layer.in_features * layer.out_features for layer in nf4_layers(model))
-    fits, crowded = 4.01 * size / 2**30, 3.99 * size / 2**30
-    with dequantized_base(model, enabled=None, memory_budget_gb=fits) as used:
+    fits, crowded = 4.01 * size, 3.99 * size
+    with dequantized_base(model, enabled=None, memory_limit=fits) as used:
         assert used
-    with dequantized_base(model, enabled=None, memory_budget_gb=crowded) as used:
+    with dequantized_base(model, enabled=None, memory_limit=crowded) as used:
         assert not used and all("forward" not in vars(layer) for layer in nf4_layers(model))
-    with dequantized_base(model, enabled=False, memory_budget_gb=100.0) as used:
+    with dequantized_base(model, enabled=False, memory_limit=100 * 2**30) as used:
         assert not used
 
 
@@ -77,3 +80,20 @@ def test_attention_kernels_leave_cudnn_out_unless_asked_and_restore_the_setting(
     with attention_kernels(cudnn=True):
         assert torch.backends.cuda.cudnn_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_an_error_inside_restores_every_layer(tiny_model_dir):
+    model, _ = _nf4_model_and_examples(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="inside"), dequantized_base(model, enabled=True, memory_limit=2**30):
+        assert all("forward" in vars(layer) for layer in nf4_layers(model))
+        raise RuntimeError("inside")
+    assert all("forward" not in vars(layer) for layer in nf4_layers(model))
+
+
+def test_a_base_whose_forwards_hooks_replaced_is_left_alone(tiny_model_dir):
+    model, _ = _nf4_model_and_examples(tiny_model_dir)
+    hooked = nf4_layers(model)[0]
+    hooked.forward = wrapper = functools.partial(type(hooked).forward, hooked)  # as accelerate's hooks do
+    with dequantized_base(model, enabled=True, memory_limit=2**30) as used:
+        assert not used and vars(hooked)["forward"] is wrapper
+    assert vars(hooked)["forward"] is wrapper

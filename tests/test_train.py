@@ -220,7 +220,8 @@ def test_partial_checkpoint_is_ignored_and_other_settings_are_refused(tiny_model
     [
         (None, 4000, 20000, (4000, False)),  # one pass a step without it: checkpointing is not even measured
         (None, 1000, 20000, (20000, True)),  # 3 passes against 1: recomputing the forward pays
-        (None, 1000, 1200, (1000, False)),  # 3 passes against 2: not enough fewer to pay for the recompute
+        (None, 1000, 1500, (1000, False)),  # 3 passes against 2: not enough fewer to pay for the recompute
+        (None, 2000, 4000, (4000, True)),  # 2 passes against 1
         (None, None, 20000, (20000, True)),  # the plain probe ran out of memory
         (False, 1000, 20000, (1000, False)),  # asked off: stays off
         (True, 4000, 20000, (20000, True)),  # asked on: stays on
@@ -232,10 +233,10 @@ def test_gpu_pass_budget_turns_checkpointing_on_when_it_saves_passes(
     """The measured budgets are stubbed (no GPU here); what is decided from them is the code under test."""
     from adl_llm import train as training
 
-    examples = _examples(tokenizer, 16)
-    longest = max(len(ex.input_ids) for ex in examples)
-    step = sum(len(ex.input_ids) for ex in examples)  # the 16 examples are one typical step
-    assert longest <= 1000 and 2000 < step <= 2400  # what the cases above assume
+    examples = _examples(tokenizer, 16)  # one step of 16
+    tc = compose_config(f"train.gradient_checkpointing={'null' if setting is None else str(setting).lower()}").train
+    passes = {budget: len(split_step(examples, tc, budget)) for budget in (1000, 1500, 2000, 4000, 20000)}
+    assert passes == {1000: 3, 1500: 2, 2000: 2, 4000: 1, 20000: 1}  # what the cases above assume
     model = _model(tiny_model_dir)
     probed = []
 
@@ -247,7 +248,8 @@ def test_gpu_pass_budget_turns_checkpointing_on_when_it_saves_passes(
     monkeypatch.setattr(training, "_measured_budget", measured)
     if setting:
         training.enable_gradient_checkpointing(model)
-    tc = compose_config(f"train.gradient_checkpointing={'null' if setting is None else str(setting).lower()}").train
     budget = training.pass_token_budget(model, examples, tc, 0, torch.device("cuda"))
     assert (budget, training.checkpointing_on(model)) == expected
+    embedded = model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embedded.requires_grad == expected[1]  # turned off again: with the hook enabling put on the embeddings
     assert probed == {None: [False] if plain == 4000 else [False, True], False: [False], True: [True]}[setting]
