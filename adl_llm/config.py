@@ -248,8 +248,8 @@ class TrainConfig:
     # passes; otherwise off.
     gradient_checkpointing: bool | None = None
     pad_to_multiple: int | None = None  # padded pass width's multiple; null: 64 on a GPU, 1 on a CPU
-    # Multiply by a dequantised copy of the frozen NF4 base instead of dequantising it twice a pass (the same
-    # numbers); null: when the copy takes at most a quarter of memory_budget_gb (Gemma-3-270M: yes, a 7B: no).
+    # Multiply by a dequantised copy of the frozen NF4 base instead of dequantising it twice a pass (bitsandbytes'
+    # values); null: when the copy takes at most a quarter of memory_budget_gb (Gemma-3-270M: yes, a 7B: no).
     dequantize_base: bool | None = None
     init_from: str | None = None  # an adapter folder to start from, or `previous` (the job before, in a sweep)
     resume: ResumeMode = ResumeMode.auto

@@ -252,18 +252,18 @@ def pass_token_budget(
         return sum(len(split_step(share, tc, budget, multiple)) for share in shares) / len(shares)
 
     plain = None if tc.gradient_checkpointing else _measured_budget(model, longest, tc, pad_id, device, multiple)
-    if tc.gradient_checkpointing is False or passes(plain) == 1:
+    plain_passes = passes(plain)
+    if tc.gradient_checkpointing is False or plain_passes == 1:
         return max(plain or 0, length)
     enable_gradient_checkpointing(model)
     checkpointed = _measured_budget(model, longest, tc, pad_id, device, multiple)
     if tc.gradient_checkpointing is None:
-        if passes(plain) < math.inf and passes(plain) <= RECOMPUTE_COST * passes(checkpointed):
+        checkpointed_passes = passes(checkpointed)
+        if plain_passes < math.inf and plain_passes <= RECOMPUTE_COST * checkpointed_passes:
             disable_gradient_checkpointing(model)
             return max(plain, length)
         log.info(
-            "gradient checkpointing on: %.1f passes a step without it, %.1f with it",
-            passes(plain),
-            passes(checkpointed),
+            "gradient checkpointing on: %.1f passes a step without it, %.1f with it", plain_passes, checkpointed_passes
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
