@@ -69,7 +69,8 @@ compare: venv  ## zero-shot, 3-shot and QLoRA (ADAPTER) course perplexity, as on
 reproduce: venv  ## the whole study (chain, curve, compare, beams) and one report.md under outputs/reproduce/
 	$(PY) -m adl_llm.reproduce $(ARGS)
 
-bench: venv  ## on a GPU: seed-style loops against adl-llm, embedded model and a random Llama-2-7B (docs/BENCHMARKS.md)
+bench: venv  ## on a GPU: adl-llm against TRL (+ Liger) and seed-style loops, embedded model and a 7B shape (docs/BENCHMARKS.md)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -u -m bench.run --model embedded --precision-check --out outputs/bench $(ARGS)
 	test -d outputs/llama7b || $(PY) -m bench.build_llama7b outputs/llama7b
 	$(PY) -u -m bench.run --model llama7b --model-path outputs/llama7b --out outputs/bench $(ARGS)

@@ -40,6 +40,23 @@ class TrainState:
     seconds: float = 0.0  # training time so far, across resumptions
     fingerprint: str = ""  # of the settings that shape the result; resuming under others is refused
 
+    def record_step(self, loss: float, tokens: int, seconds: float) -> None:
+        """One optimiser step done: its mean answer-token loss, input tokens and time."""
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.losses.append(loss)
+        self.step_tokens.append(tokens)
+        self.step_seconds.append(seconds)
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
 
 def save_checkpoint(folder: Path, state: TrainState, adapter: dict, optimizer, scheduler, keep: int) -> Path:
     """Write a checkpoint for `state.global_step` under `folder`, then keep only the newest `keep`."""

@@ -1,26 +1,33 @@
-"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+"""Typed schemas of every config group, registered in Hydra's ConfigStore, and `compose()` for code.
 
-Hydra merges `conf/` onto these dataclasses, so an unknown key or a wrong type fails while composing.
-Value checks live in `__post_init__`: `OmegaConf.to_object` builds the dataclasses from the final,
-overridden values, so `python -m adl_llm.run gen.beams=0` fails in about a second, naming `gen.beams`.
+The values live in `conf/` only: each schema reads its defaults from its group's default option
+(`@defaults_from("lora/report")`), so a dataclass built in code (`LoraConfig()`) and a composed config agree, a
+key's default has one place to change, and another option (`gen=greedy`) lists only what it changes.
+
+Hydra merges `conf/` onto these dataclasses, so an unknown key or a wrong type fails while composing. Value checks
+live in `__post_init__`: `OmegaConf.to_object` builds the dataclasses from the final, overridden values, so
+`python -m adl_llm.run gen.beams=0` fails in about a second, naming `gen.beams`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import enum
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from adl_llm.errors import ConfigError, unknown_key
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
 
 _run_stamp: list[str] = []
 
@@ -39,6 +46,42 @@ def run_stamp(value: str | None = None) -> str:
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     OmegaConf.register_new_resolver("run_stamp", run_stamp)
+
+
+def defaults_from(option: str):
+    """Class decorator, under `@dataclass`: every field's default is its value in `conf/<option>.yaml`.
+
+    Fields typed as another schema default to that schema; any other field missing from the file is an error at
+    import, so a key cannot exist in code without being visible (and documented) in conf/.
+    """
+
+    def apply(cls):
+        values = option_values(option)
+        for name, hint in typing.get_type_hints(cls).items():
+            if name in vars(cls):  # a default given in the class body
+                continue
+            if dataclasses.is_dataclass(hint):
+                setattr(cls, name, field(default_factory=hint))
+            elif name not in values:
+                raise KeyError(f"conf/{option}.yaml: no value for {name}, a key of {cls.__name__}")
+            elif isinstance(values[name], (list, dict)):
+                setattr(cls, name, field(default_factory=lambda value=values[name]: copy.deepcopy(value)))
+            else:
+                setattr(cls, name, hint(values[name]) if _is_enum(hint) else values[name])
+        return cls
+
+    return apply
+
+
+def option_values(option: str) -> dict[str, Any]:
+    """The keys of `conf/<option>.yaml` (interpolations unresolved), without its defaults list."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{option}.yaml"), resolve=False)
+    values.pop("defaults", None)
+    return values
+
+
+def _is_enum(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, enum.Enum)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -70,29 +113,45 @@ class TaskName(enum.Enum):
     generate = "generate"
 
 
+class ScheduleName(enum.Enum):
+    """transformers' scheduler names (`transformers.SchedulerType`), but reduce_lr_on_plateau and greedy, which
+    follow a metric; a test keeps this list equal to transformers' own."""
+
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    inverse_sqrt = "inverse_sqrt"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    cosine_warmup_with_min_lr = "cosine_warmup_with_min_lr"
+    warmup_stable_decay = "warmup_stable_decay"
+
+
 @dataclass
+@defaults_from("model/gemma3_270m")
 class ModelConfig:
-    name_or_path: str = MISSING  # hub id, local folder, or `embedded:gemma3-270m`
-    quant: Quant = Quant.nf4
-    dtype: DType = DType.auto
-    revision: str | None = None
-    trust_remote_code: bool = False  # runs code shipped with a hub model: off unless asked for
-    attn_implementation: str = "sdpa"
-    # PyTorch's cuDNN attention (its first choice on recent GPUs) builds an execution plan for every new input
-    # shape, and batch shapes here change all the time: off unless asked (docs/BENCHMARKS.md measures both).
-    cudnn_attention: bool = False
+    name_or_path: str
+    quant: Quant
+    dtype: DType
+    revision: str | None
+    trust_remote_code: bool
+    attn_implementation: str
+    cudnn_attention: bool
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must name a hub id or a local folder")
 
 
 @dataclass
+@defaults_from("lora/report")
 class LoraConfig:
-    r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = "none"
+    r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+    bias: str
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
@@ -108,34 +167,33 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    _target_: str = "torch.optim.AdamW"
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    """The `optim` group: an optimiser class (`_target_`) and the keyword arguments it takes.
 
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optim.betas",
-            f"must be two numbers in [0, 1), got {self.betas}",
-        )
-        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+    The group is open, so its keys are the class's own; `adl_llm.optim` checks them against the class's
+    signature before any model loads."""
 
+    target: str
+    lr: float
+    arguments: dict[str, Any]
 
-class ScheduleName(enum.Enum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
+    @classmethod
+    def from_node(cls, node: dict[str, Any]) -> OptimConfig:
+        arguments = dict(node)
+        target = arguments.pop("_target_", None)
+        _check(isinstance(target, str) and "." in target, "optim._target_", f"must name a class, got {target!r}")
+        lr = arguments.pop("lr", None)
+        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool), "optim.lr", f"must be a number, got {lr!r}")
+        _check(math.isfinite(lr) and lr > 0, "optim.lr", f"must be a finite number > 0, got {lr}")
+        return cls(target=target, lr=float(lr), arguments=arguments)
 
 
 @dataclass
+@defaults_from("schedule/linear")
 class ScheduleConfig:
-    name: ScheduleName = ScheduleName.linear
-    warmup_ratio: float = 0.0  # fraction of the optimiser steps spent warming up
-    warmup_steps: int = 0  # absolute warm-up; wins over warmup_ratio when > 0
+    name: ScheduleName
+    warmup_ratio: float
+    warmup_steps: int
+    scheduler_specific_kwargs: dict[str, Any]
 
     def __post_init__(self) -> None:
         _check(
@@ -144,19 +202,26 @@ class ScheduleConfig:
             f"must be in [0, 1), got {self.warmup_ratio}",
         )
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        warms_up = self.warmup_ratio > 0 or self.warmup_steps > 0
+        _check(
+            not (warms_up and self.name is ScheduleName.constant),
+            "schedule.name",
+            "constant takes no warm-up (transformers ignores it); use constant_with_warmup",
+        )
 
 
 @dataclass
+@defaults_from("gen/report")
 class GenConfig:
-    beams: int = 3
-    do_sample: bool = True
-    top_p: float = 0.9
-    top_k: int = 10
-    temperature: float = 1.2
-    max_new_tokens: int = 128
-    stop_strings: list[str] = field(default_factory=lambda: ["USER:", "\n"])
-    batch_size: int | None = None  # prompts per batch; null: as many as fit in memory_budget_gb (16 on a CPU)
-    memory_budget_gb: float = 7.0  # GiB of GPU memory decoding may fill, the model included
+    beams: int
+    do_sample: bool
+    top_p: float
+    top_k: int
+    temperature: float
+    max_new_tokens: int
+    stop_strings: list[str]
+    batch_size: int | None
+    memory_budget_gb: float
 
     def __post_init__(self) -> None:
         _check(self.beams >= 1, "gen.beams", f"must be >= 1, got {self.beams}")
@@ -172,12 +237,13 @@ class GenConfig:
 
 
 @dataclass
+@defaults_from("data/classical_zh")
 class DataConfig:
-    name: str = "custom"
-    train_file: str = MISSING
-    eval_file: str = MISSING
-    n_train: int | None = 3000  # the first N training records; null takes them all
-    n_eval: int | None = None  # the first N eval records (a quick slice); null takes them all
+    name: str
+    train_file: str
+    eval_file: str
+    n_train: int | None
+    n_eval: int | None
 
     def __post_init__(self) -> None:
         _check(
@@ -189,13 +255,14 @@ class DataConfig:
 
 
 @dataclass
+@defaults_from("prompt/zero_shot")
 class PromptConfig:
-    name: str = "zero_shot"
-    system: str = MISSING
-    query_template: str = "USER: {instruction} ASSISTANT:"
-    n_shots: int = 0  # >0: the last n training records become worked examples
-    shots_intro: str = ""
-    shot_template: str = "{n}. USER: {instruction} ASSISTANT: {output}\n"
+    name: str
+    system: str
+    query_template: str
+    n_shots: int
+    shots_intro: str
+    shot_template: str
 
     def __post_init__(self) -> None:
         _check(self.n_shots >= 0, "prompt.n_shots", f"must be >= 0, got {self.n_shots}")
@@ -210,15 +277,17 @@ class PromptConfig:
 
 
 @dataclass
+@defaults_from("task/pipeline")
 class TaskConfig:
-    name: TaskName = TaskName.pipeline
+    name: TaskName
 
 
 @dataclass
+@defaults_from("eval/default")
 class EvalConfig:
-    batch_size: int = 64
-    max_length: int = 2048  # tokens; longer examples are cut here, as the course metric does
-    pad_to_multiple: int | None = None  # padded batch width's multiple; null: 64 on a GPU, 1 on a CPU
+    batch_size: int
+    max_length: int
+    pad_to_multiple: int | None
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -231,31 +300,24 @@ class EvalConfig:
 
 
 @dataclass
+@defaults_from("train/default")
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 16  # examples per optimiser step, over all processes: the report's 2 x 8
-    # How a step's examples are split into forward/backward passes changes the speed, not the update (the loss
-    # is normalised over the whole step's answer tokens). Set both for a fixed split (the report: 2 and 8), or
-    # leave them null: passes then group examples of similar length within a token budget (micro_batch_tokens).
-    micro_batch_size: int | None = None
-    grad_accum: int | None = None
-    micro_batch_tokens: int | None = None  # padded tokens per pass; null: sized from memory_budget_gb on a GPU
-    memory_budget_gb: float = 10.0  # GPU memory the automatic split may fill (weights included)
-    max_length: int = 2048  # tokens; longer examples are cut as the course metric cuts them
-    max_grad_norm: float = 1.0  # gradient clipping, as the Hugging Face Trainer does by default; 0 disables
-    # Recompute activations in the backward pass: less memory a token, so larger and fewer passes, but each
-    # pass slower. null: with the automatic split on a GPU, measured and on when a step then needs enough fewer
-    # passes; otherwise off.
-    gradient_checkpointing: bool | None = None
-    pad_to_multiple: int | None = None  # padded pass width's multiple; null: 64 on a GPU, 1 on a CPU
-    # Multiply by a dequantised copy of the frozen NF4 base instead of dequantising it twice a pass (bitsandbytes'
-    # values); null: when the copy takes at most a quarter of memory_budget_gb (Gemma-3-270M: yes, a 7B: no).
-    dequantize_base: bool | None = None
-    init_from: str | None = None  # an adapter folder to start from, or `previous` (the job before, in a sweep)
-    resume: ResumeMode = ResumeMode.auto
-    save_every: int = 50  # optimiser steps between checkpoints; 0 saves only at the end
-    keep_checkpoints: int = 2
-    max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
+    epochs: int
+    batch_size: int
+    micro_batch_size: int | None
+    grad_accum: int | None
+    micro_batch_tokens: int | None
+    memory_budget_gb: float
+    max_length: int
+    max_grad_norm: float
+    gradient_checkpointing: bool | None
+    pad_to_multiple: int | None
+    dequantize_base: bool | None
+    init_from: str | None
+    resume: ResumeMode
+    save_every: int
+    keep_checkpoints: int
+    max_steps: int | None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "keep_checkpoints"):
@@ -276,7 +338,7 @@ class TrainConfig:
         _check(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
 
     def examples_per_pass(self, world_size: int) -> int | None:
-        """The fixed number of examples per forward/backward pass on one process, or None for the automatic split."""
+        """The fixed examples per micro-batch on one process, or None for micro-batches sized by tokens."""
         per_rank = math.ceil(self.batch_size / world_size)
         if self.micro_batch_size:
             return min(self.micro_batch_size, per_rank)
@@ -286,20 +348,26 @@ class TrainConfig:
 
 
 @dataclass
+@defaults_from("config")
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    gen: GenConfig = field(default_factory=GenConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    adapter: str | None = None  # a PEFT adapter folder to put on the base model
-    seed: int = 0
-    output_dir: str = "${hydra:runtime.output_dir}"
+    model: ModelConfig
+    lora: LoraConfig
+    # A dict while composing (the group is open: any optimiser's own keys, none by default, so that another
+    # option's keys are not mixed with adamw's); an OptimConfig once typed.
+    optim: Any = field(default_factory=dict)
+    schedule: ScheduleConfig
+    gen: GenConfig
+    data: DataConfig
+    prompt: PromptConfig
+    task: TaskConfig
+    eval: EvalConfig
+    train: TrainConfig
+    adapter: str | None
+    seed: int
+    output_dir: str
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
 def register() -> None:
@@ -312,7 +380,19 @@ def to_typed(cfg: DictConfig | Any) -> Config:
     _reject_added_keys(cfg, Config, "")
     typed = OmegaConf.to_object(cfg)
     assert isinstance(typed, Config)
+    if not isinstance(typed.optim, OptimConfig):
+        typed.optim = OptimConfig.from_node(typed.optim)
     return typed
+
+
+def compose(*overrides: str, output_dir: Path | str = "unused") -> Config:
+    """The real conf/ with `overrides`, checked and typed as the entrypoint does: for tests, the bench, notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = hydra_compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
+    return to_typed(raw)
 
 
 def _reject_added_keys(node: Any, schema: type, prefix: str) -> None:

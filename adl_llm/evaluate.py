@@ -9,15 +9,67 @@ result does not depend on the batch size.
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
+import time
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from adl_llm.batching import answer_nll, collate, pad_multiple
+from adl_llm.batching import collate, pad_multiple
+from adl_llm.config import Config
+from adl_llm.data import Record
 from adl_llm.distributed import is_main, map_in_order
-from adl_llm.encode import Encoded
+from adl_llm.encode import Encoded, encode_examples
+from adl_llm.loss import answer_nll
+from adl_llm.memory import out_of_memory_advice
+from adl_llm.prompts import build_prompts
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_records(cfg: Config, model, tokenizer, records: list[Record], shots: list[Record]) -> dict:
+    """The `eval/` metrics of `records`: mean and per-example perplexity, ids in file order, counts, time."""
+    prompts = build_prompts([r.instruction for r in records], cfg.prompt, shots)
+    examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.eval.max_length)
+    truncated = [r.id for r, ex in zip(records, examples) if ex.truncated]
+    if truncated:
+        log.warning(
+            "%d of %d examples are longer than eval.max_length=%d and were cut as the course metric does: %s",
+            len(truncated),
+            len(records),
+            cfg.eval.max_length,
+            ", ".join(truncated[:5]),
+        )
+    started = time.perf_counter()
+    with out_of_memory_advice("perplexity", f"eval.batch_size (now {cfg.eval.batch_size}) or eval.max_length"):
+        values = perplexities(
+            model,
+            examples,
+            batch_size=cfg.eval.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            pad_to_multiple=cfg.eval.pad_to_multiple,
+        )
+    seconds = time.perf_counter() - started
+    unscored = [r.id for r, v in zip(records, values) if math.isnan(v)]
+    if unscored:
+        log.warning("%d examples have no answer token left after truncation; left out of the mean", len(unscored))
+    finite = [v for v in values if not math.isnan(v)]
+    mean = sum(finite) / len(finite) if finite else math.nan
+    log.info("mean perplexity %.4f over %d examples (%s, %.1f s)", mean, len(finite), cfg.prompt.name, seconds)
+    return {
+        "eval/perplexity": mean,
+        "eval/perplexity_median": statistics.median(finite) if finite else math.nan,
+        "eval/perplexities": [None if math.isnan(v) else v for v in values],
+        "eval/ids": [r.id for r in records],
+        "eval/n_examples": len(records),
+        "eval/n_truncated": len(truncated),
+        "eval/n_unscored": len(unscored),
+        "eval/seconds": seconds,
+        "eval/prompt": cfg.prompt.name,
+    }
 
 
 @torch.no_grad()

@@ -10,20 +10,67 @@ model a decoding step costs about the same for 1 or 500 sequences, so the batch 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
-from adl_llm.config import GenConfig
+from adl_llm.artifacts import write_json
+from adl_llm.config import Config, GenConfig
+from adl_llm.data import Record
 from adl_llm.distributed import is_main, map_in_order
+from adl_llm.memory import out_of_memory_advice
+from adl_llm.prompts import build_prompts
+
+log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits
 # fp32 vocabulary rows per sequence while a token is chosen (bounds; docs/BENCHMARKS.md): search (greedy or beams)
 # holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
 LOGIT_COPIES = {"search": 6, "sampling": 10}
 SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
+
+
+def generate_records(cfg: Config, model, tokenizer, records: list[Record], shots: list[Record], out: Path) -> dict:
+    """Decode `records`, write predictions.json ({id, output} in file order) and return the `gen/` metrics."""
+    prompts = build_prompts([r.instruction for r in records], cfg.prompt, shots)
+    started = time.perf_counter()
+    if cfg.gen.batch_size:
+        settings = f"gen.batch_size (now {cfg.gen.batch_size}) or gen.beams"
+    else:
+        settings = "gen.memory_budget_gb or set gen.batch_size, or lower gen.beams"
+    with out_of_memory_advice("generation", settings):
+        texts = generate_texts(model, tokenizer, prompts, cfg.gen)
+    seconds = time.perf_counter() - started
+    if is_main():
+        write_json(out / "predictions.json", [{"id": r.id, "output": text} for r, text in zip(records, texts)])
+    metrics = {
+        "gen/n_examples": len(records),
+        "gen/seconds": seconds,
+        "gen/examples_per_s": len(records) / seconds,
+        "gen/new_tokens_per_s": count_new_tokens(tokenizer, texts) / seconds,
+        "gen/setting": dataclasses.asdict(cfg.gen),
+    }
+    references = [r.output for r in records]
+    if all(ref is not None for ref in references):
+        metrics.update(translation_scores(texts, references))
+    log.info("generated %d answers in %.1f s (%.2f examples/s)", len(records), seconds, len(records) / seconds)
+    return metrics
+
+
+def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """chrF and BLEU (sacrebleu, BLEU with its Chinese tokenizer) of the predictions against the references."""
+    import sacrebleu
+
+    return {
+        "gen/chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        "gen/bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score,
+    }
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

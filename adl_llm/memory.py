@@ -1,4 +1,5 @@
-"""Peak memory of one job: GPU memory through torch's allocator, or the process's peak RSS on a CPU.
+"""Memory: the limit a job may fill, its peak (GPU memory through torch's allocator, or the process's peak RSS
+on a CPU), and out-of-memory errors that name the setting to lower.
 
 Hydra's multirun runs its jobs in one process, so each job resets the peaks when it starts. On Linux, writing
 5 to /proc/self/clear_refs resets the kernel's peak-RSS mark (VmHWM) the same way.
@@ -14,7 +15,14 @@ import torch
 
 from adl_llm.errors import ResourceError
 
-_GIB = 1024**3
+GIB = 1024**3
+
+
+def memory_limit(budget_gb: float, device: torch.device) -> float:
+    """Bytes a job may fill: `budget_gb`, and on a GPU at most 90% of its memory."""
+    if device.type != "cuda":
+        return budget_gb * GIB
+    return min(budget_gb * GIB, 0.9 * torch.cuda.get_device_properties(device).total_memory)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -28,14 +36,14 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """`peak_gpu_alloc_gb` and `peak_gpu_reserved_gb` on a GPU, `peak_rss_gb` on a CPU."""
+    """`run/peak_gpu_alloc_gib` and `run/peak_gpu_reserved_gib` on a GPU, `run/peak_rss_gib` on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {
-            "peak_gpu_alloc_gb": torch.cuda.max_memory_allocated(device) / _GIB,
-            "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / _GIB,
+            "run/peak_gpu_alloc_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "run/peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
         }
-    return {"peak_rss_gb": _peak_rss_bytes() / _GIB}
+    return {"run/peak_rss_gib": _peak_rss_bytes() / GIB}
 
 
 def _peak_rss_bytes() -> int:

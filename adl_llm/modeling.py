@@ -1,8 +1,11 @@
-"""Base model and tokenizer (hub id, local folder or the embedded default), NF4 quantisation, adapters."""
+"""The model: base and tokenizer (hub id, local folder or the embedded default), NF4 quantisation, LoRA adapters
+(new, loaded, saved), gradient checkpointing and the attention kernels."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -10,16 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adl_llm.artifacts import replace_dir, write_json
-from adl_llm.config import DType, ModelConfig, Quant
-from adl_llm.embedded import embedded_model_dir, is_embedded
+from adl_llm.config import DType, LoraConfig, ModelConfig, Quant
+from adl_llm.embedded import check_tokenizer, embedded_model_dir, is_embedded
 from adl_llm.errors import ModelError
+from adl_llm.nf4 import nf4_quantization
 
 log = logging.getLogger(__name__)
-# bitsandbytes warns on every CPU run that an optional kernel package is absent; it changes nothing here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def default_device() -> torch.device:
@@ -65,9 +67,23 @@ def model_source(cfg: ModelConfig) -> str:
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     source = source or model_source(cfg)
     tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
+    if is_embedded(cfg.name_or_path):  # a later transformers might read the cached tokenizer.json otherwise
+        check_tokenizer(cfg.name_or_path, tokenizer)
     if tokenizer.pad_token_id is None:  # padding is always masked out, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What run.json records of the tokenizer: its class, size and a sha256 of its full definition."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    definition += json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return {
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "sha256": hashlib.sha256(definition.encode()).hexdigest(),
+    }
 
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str | None = None):
@@ -75,14 +91,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
     device = device or default_device()
     source = source or model_source(cfg)
     dtype = weight_dtype(cfg, device)
-    extra = {}
-    if cfg.quant is Quant.nf4:
-        extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    extra = {"quantization_config": nf4_quantization(dtype)} if cfg.quant is Quant.nf4 else {}
     model = _from_pretrained(
         AutoModelForCausalLM,
         source,
@@ -94,6 +103,23 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
     )
     log.info("loaded %s (%s, %s) on %s", cfg.name_or_path, cfg.quant.value, dtype, device)
     return model.eval()
+
+
+def add_lora(model, cfg: LoraConfig):
+    """A fresh, trainable LoRA adapter on `model`; every base weight stays frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
 
 
 def load_adapter(model, adapter_dir: str, *, trainable: bool = False):
@@ -118,6 +144,25 @@ def save_adapter(model, folder: Path, info: dict) -> None:
     model.save_pretrained(str(work), safe_serialization=True)
     write_json(work / "training.json", info)
     replace_dir(work, folder)
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Recompute activations in the backward pass, or not; off also removes the hook that turning it on put on
+    the input embeddings (transformers leaves it on a PEFT model)."""
+    if on == gradient_checkpointing_on(model):
+        return
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    model.gradient_checkpointing_disable()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "_require_grads_hook"):
+        base.disable_input_require_grads()
+
+
+def gradient_checkpointing_on(model) -> bool:
+    """Whether any layer recomputes its activations (transformers' flag, read the same way in 4.x and 5.x)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def _looks_like_path(name: str) -> bool:

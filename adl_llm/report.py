@@ -1,6 +1,6 @@
 """Sweep summaries: after a multirun, one row per job in summary.csv and summary.md at the sweep root.
 
-Hydra calls `SweepSummary.on_multirun_end` (registered in conf/config.yaml) when the last job is done;
+`adl_llm.run.SweepEnd` (a Hydra callback, registered in conf/config.yaml) writes them when the last job is done;
 `python -m adl_llm.report <sweep dir>` rebuilds the summary of an existing sweep.
 """
 
@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from adl_llm.artifacts import read_json, write_text
 
 # (column, key in metrics.json, format); a column appears when some job of the sweep has its key
 COLUMNS = [
-    ("ppl", "mean_perplexity", "{:.3f}"),
+    ("ppl", "eval/perplexity", "{:.3f}"),
+    ("ppl_median", "eval/perplexity_median", "{:.3f}"),
     ("epochs", "train/epochs", "{:g}"),
     ("cum_epochs", "train/cumulative_epochs", "{:g}"),
     ("train_loss", "train/loss", "{:.4f}"),
@@ -31,9 +31,9 @@ COLUMNS = [
     ("bleu", "gen/bleu", "{:.2f}"),
     ("ex_s", "gen/examples_per_s", "{:.2f}"),
     ("new_tok_s", "gen/new_tokens_per_s", "{:.0f}"),
-    ("peak_gpu_gb", "peak_gpu_alloc_gb", "{:.2f}"),
-    ("reserved_gb", "peak_gpu_reserved_gb", "{:.2f}"),
-    ("peak_rss_gb", "peak_rss_gb", "{:.2f}"),
+    ("peak_gpu_gib", "run/peak_gpu_alloc_gib", "{:.2f}"),
+    ("reserved_gib", "run/peak_gpu_reserved_gib", "{:.2f}"),
+    ("peak_rss_gib", "run/peak_rss_gib", "{:.2f}"),
     ("seconds", "run/seconds", "{:.1f}"),
 ]
 
@@ -57,6 +57,11 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             row[column] = fmt.format(value) if value is not None else ""
         rows.append(row)
     return rows
+
+
+def failed_jobs(rows: list[dict[str, Any]]) -> list[str]:
+    """`job N: <reason>` for every job of the sweep that did not finish."""
+    return [f"job {row['job']}: {row['status'].removeprefix('failed: ')}" for row in rows if row["status"] != "ok"]
 
 
 def _status(job: Path, metrics: dict) -> str:
@@ -119,10 +124,10 @@ def write_generation_plot(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
     plt = _pyplot()
     done = [r for r in rows if r.get("chrf")]
     labels = [r["overrides"].replace(" ", "\n") or f"job {r['job']}" for r in done]
-    memory_key = "peak_gpu_gb" if any(r.get("peak_gpu_gb") for r in done) else "peak_rss_gb"
+    memory_key = "peak_gpu_gib" if any(r.get("peak_gpu_gib") for r in done) else "peak_rss_gib"
     panels = [
         ("chrF / BLEU", [("chrF", "chrf"), ("BLEU", "bleu")]),
-        ("peak memory (GiB)", [("GPU allocated" if memory_key == "peak_gpu_gb" else "RSS", memory_key)]),
+        ("peak memory (GiB)", [("GPU allocated" if memory_key == "peak_gpu_gib" else "RSS", memory_key)]),
         ("examples / s", [("examples/s", "ex_s")]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
@@ -168,23 +173,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _overrides(job: Path) -> list[str]:
     path = job / ".hydra" / "overrides.yaml"
     return list(OmegaConf.load(path)) if path.is_file() else []
-
-
-class SweepSummary(Callback):
-    """Writes and prints the sweep's summary when a multirun ends, and keeps its failed jobs for the exit status
-    (the callback runs in the launching process, whichever launcher ran the jobs)."""
-
-    failed: list[str] = []  # noqa: RUF012  (shared on purpose: Hydra builds the callback, run.py reads this)
-
-    def on_multirun_end(self, config, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = job_rows(sweep_dir)
-        table = write_summary(sweep_dir, rows)
-        if table:
-            print(f"\n{sweep_dir}/summary.md\n{table}", flush=True)
-        SweepSummary.failed[:] = [
-            f"job {row['job']}: {row['status'].removeprefix('failed: ')}" for row in rows if row["status"] != "ok"
-        ]
 
 
 if __name__ == "__main__":

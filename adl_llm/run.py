@@ -1,7 +1,14 @@
-"""The one entrypoint: compose the config, check it, run the selected task.
+"""The one entrypoint: compose the config, check it, run the task.
 
-python -m adl_llm.run task=eval prompt=few_shot
-python -m adl_llm.run -m task=eval prompt=zero_shot,few_shot
+    python -m adl_llm.run task=eval prompt=few_shot
+    python -m adl_llm.run -m task=eval prompt=zero_shot,few_shot
+
+How a run fails, in one place:
+- a mistake of the user's (a config value, a data record, a model or adapter that cannot be used): one line
+  `adl-llm: error: ...` on stderr and exit status 2;
+- a job of a multirun, for any reason: `error.txt` in its folder, and the sweep goes on; at its end the summary
+  marks the job failed and the sweep exits with status 1, naming it;
+- anything else is a bug: the traceback. `HYDRA_FULL_ERROR=1` shows the traceback in every case.
 """
 
 from __future__ import annotations
@@ -11,74 +18,72 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from adl_llm.artifacts import write_text
-from adl_llm.config import PROJECT_ROOT, TaskName, run_stamp, to_typed
+from adl_llm.config import CONF_DIR, run_stamp, to_typed
 from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun, shutdown
-from adl_llm.messages import one_line_error
-from adl_llm.report import SweepSummary
+from adl_llm.errors import one_line_error
+from adl_llm.report import failed_jobs, job_rows, write_summary
 
 log = logging.getLogger(__name__)
+# The user's HYDRA_FULL_ERROR, kept here: main() sets Hydra's own to 1 so that every exception reaches this module.
+TRACEBACKS = "ADL_LLM_TRACEBACKS"
 
-# Hydra prints its own multi-line report unless told to raise; the user's HYDRA_FULL_ERROR=1 keeps tracebacks.
-_SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
-
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(raw: DictConfig) -> float | None:
     try:
         cfg = to_typed(raw)
         # Heavy imports (torch, transformers) wait until the config has passed its checks.
-        from adl_llm import tasks
         from adl_llm.modeling import attention_kernels
+        from adl_llm.tasks import run_task
 
-        runners = {
-            TaskName.eval: tasks.run_eval,
-            TaskName.train: tasks.run_train,
-            TaskName.generate: tasks.run_generate,
-            TaskName.pipeline: tasks.run_pipeline,
-        }
         with attention_kernels(cfg.model.cudnn_attention):
-            return runners[cfg.task.name](cfg)
+            return run_task(cfg)
     except Exception as exc:
-        if _in_multirun():
-            _record_failed_job(exc)
-            return None
-        _exit_if_users_mistake(exc)
-        raise
+        if not (HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN):
+            _exit_if_users_mistake(exc)  # here, before Hydra reports the job as failed with its own lines
+            raise
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        message = one_line_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
+        write_text(job_dir / "error.txt", message + "\n\n" + "".join(traceback.format_exception(exc)))
+        (job_dir / "metrics.json").unlink(missing_ok=True)  # nothing that looks like a finished result
+        log.error("job failed, the sweep goes on: %s (traceback in %s)", message, job_dir / "error.txt")
+        return None
 
 
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+class SweepEnd(Callback):
+    """At the end of a multirun (in the launching process, whichever launcher ran the jobs): the summary, and
+    exit status 1 naming the jobs that failed."""
 
-    return HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN
-
-
-def _record_failed_job(exc: Exception) -> None:
-    """A failed job of a sweep leaves error.txt (its row in the summary says failed) and lets the others run."""
-    from hydra.core.hydra_config import HydraConfig
-
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    message = one_line_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
-    write_text(job_dir / "error.txt", message + "\n\n" + "".join(traceback.format_exception(exc)))
-    (job_dir / "metrics.json").unlink(missing_ok=True)  # nothing that looks like a finished result
-    log.error("job failed, the sweep goes on: %s (traceback in %s)", message, job_dir / "error.txt")
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = job_rows(sweep_dir)
+        table = write_summary(sweep_dir, rows)
+        if table:
+            print(f"\n{sweep_dir}/summary.md\n{table}", flush=True)
+        if failed_jobs(rows):  # SystemExit passes Hydra's callback guard, which turns exceptions into warnings
+            raise SystemExit("adl-llm: error: " + "; ".join(failed_jobs(rows)))
 
 
 def _exit_if_users_mistake(exc: Exception) -> None:
     message = one_line_error(exc)
-    if message is not None and not _SHOW_TRACEBACKS:
+    if message is not None and os.environ.get(TRACEBACKS) != "1":
         print(f"adl-llm: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
-    """Run with Hydra; a mistake in the config or the data is one line on stderr and exit status 2."""
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's report
+    """Run with Hydra, under the failure policy of this module's docstring."""
+    os.environ.setdefault(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let every exception reach the policy here instead of Hydra's report
     # Batches of varying length fragment CUDA's caching allocator: measured, it reserved 4x what it used.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if launched_by_torchrun():
@@ -86,14 +91,11 @@ def main() -> None:
         run_stamp(broadcast_object(run_stamp()))  # one run folder for all ranks
     try:
         _run()
-    except Exception as exc:
+    except Exception as exc:  # composition errors, before any job
         _exit_if_users_mistake(exc)
         raise
     # Only after success: leaving the group waits for the other ranks, which would hang a rank that failed alone.
     shutdown()
-    if SweepSummary.failed:  # the sweep went on past its failed jobs; its exit status still says they failed
-        print("adl-llm: error: " + "; ".join(SweepSummary.failed), file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adl_llm.encode import IGNORE, Encoded
+from adl_llm.generate import cut_at_stop
 from bench import measure
 
 # The seed report's QLoRA settings (DESIGN.md).
@@ -81,7 +82,7 @@ class _CountingCollator:
         return batch
 
 
-def _step_clock():
+def step_clock():
     """A Trainer callback that times each optimiser step (GPU synced) and keeps the logged loss of each."""
     from transformers import TrainerCallback
 
@@ -141,7 +142,7 @@ def train_baseline(model_path: str, examples: Sequence[Encoded], steps: int, *, 
     )
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
     collator = _CountingCollator(tokenizer)
-    clock = _step_clock()
+    clock = step_clock()
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
     started = measure.now()
     trainer.train()
@@ -219,11 +220,6 @@ def generate_baseline(model, tokenizer, prompts: Sequence[str], gen) -> dict:
             **sampling,
         )
         text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
-        texts.append(_cut(text, gen.stop_strings))
+        texts.append(cut_at_stop(text, gen.stop_strings))
     seconds = measure.now() - started
     return {"texts": texts, "seconds": seconds, "examples_per_s": len(prompts) / seconds, **measure.peak()}
-
-
-def _cut(text: str, stop_strings: Sequence[str]) -> str:
-    end = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-    return text[:end].strip()

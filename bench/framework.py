@@ -11,21 +11,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from adl_llm.config import PROJECT_ROOT, Config, to_typed
+from adl_llm.config import Config, compose
 from adl_llm.encode import Encoded
 from bench import measure
 
 log = logging.getLogger(__name__)
-
-
-def compose(*overrides: str, output_dir: Path | str = "unused") -> Config:
-    """The real conf/ with `overrides`, checked and typed as the entrypoint does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        raw = hydra_compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
-    return to_typed(raw)
 
 
 def train_framework(
@@ -34,8 +24,8 @@ def train_framework(
     """`steps` optimiser steps of `adl_llm.train.train` from a fresh adapter, as `run_train` sets it up."""
     from transformers import set_seed
 
-    from adl_llm.modeling import attention_kernels, load_model
-    from adl_llm.train import add_lora, train
+    from adl_llm.modeling import add_lora, attention_kernels, load_model
+    from adl_llm.train import train
 
     cfg = compose(
         f"model.name_or_path={model_path}",

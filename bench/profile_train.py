@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from adl_llm.batching import pad_multiple
+from adl_llm.config import compose
 from adl_llm.data import load_records
-from adl_llm.dequantize import dequantized_base
 from adl_llm.encode import encode_examples
-from adl_llm.modeling import attention_kernels, load_model, load_tokenizer, model_source
+from adl_llm.loss import accumulate_gradients
+from adl_llm.memory import memory_limit
+from adl_llm.modeling import add_lora, attention_kernels, load_model, load_tokenizer, model_source
+from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.prompts import build_prompts
-from adl_llm.train import accumulate_gradients, add_lora, memory_limit, restore_cpu_nf4_training_path
-from bench import framework, measure
+from bench import measure
 
 
 def main(argv=None) -> None:
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cfg = framework.compose(f"model.name_or_path={args.model_path}")
+    cfg = compose(f"model.name_or_path={args.model_path}")
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     records = load_records(cfg.data.train_file, need_outputs=True, limit=args.examples)
@@ -50,9 +52,8 @@ def main(argv=None) -> None:
     multiple = pad_multiple(cfg.train.pad_to_multiple, device)
     defaults = contextlib.ExitStack()  # the kernels and the base that training uses by default
     defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
-    defaults.enter_context(
-        dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=memory_limit(cfg.train, device))
-    )
+    limit = memory_limit(cfg.train.memory_budget_gb, device)
+    defaults.enter_context(dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=limit))
 
     def one_pass() -> None:
         accumulate_gradients(model, [examples], n_scored, tokenizer.pad_token_id, device, multiple)

@@ -4,7 +4,8 @@
     python -u -m bench.run --model llama7b --model-path /tmp/llama7b --out $OUT --only train
     python -u -m bench.run --model-path /tmp/tiny --train-steps 2 --n-eval 4 --n-gen 2 --out /tmp/benchout  # CPU
 
-Parts (`--only`): `train` (the HF Trainer baseline, adl-llm with the default `train.*`, and the ablations of
+Parts (`--only`): `train` (adl-llm with the default `train.*`; the peer, TRL's SFTTrainer with and without Liger
+and checkpointing, bench/peer.py, for `--peers`; the seed-style HF Trainer baseline; and the ablations of
 ABLATIONS for `--ablation-steps`), `ppl` (the course ppl.py loop against adl-llm's batched perplexity at several
 batch sizes, on the same model instance; with `--precision-check`, both again on an fp32-compute instance),
 `gen` (one prompt at a time on the first `--n-gen-baseline` prompts against adl-llm's batched decoding of
@@ -29,12 +30,12 @@ from importlib import metadata
 from pathlib import Path
 
 from adl_llm.artifacts import provenance, write_json
-from adl_llm.config import ModelConfig
+from adl_llm.config import ModelConfig, compose
 from adl_llm.data import load_records
 from adl_llm.encode import encode_examples
 from adl_llm.modeling import load_model, load_tokenizer, model_source
 from adl_llm.prompts import build_prompts
-from bench import baseline, framework, measure, report
+from bench import baseline, framework, measure, peer, report
 
 DEFAULT_PATHS = {"embedded": "embedded:gemma3-270m", "llama7b": "/tmp/llama7b"}
 # What each training choice contributes: adl-llm with one default turned back to the seed's.
@@ -45,6 +46,7 @@ ABLATIONS = {
     "cudnn_attention": ("model.cudnn_attention=true",),  # PyTorch's default attention kernel on an H100/H200
     "unbucketed": ("train.pad_to_multiple=1",),  # passes padded to their longest example only
     "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
+    "budget40": ("train.memory_budget_gb=40",),  # memory to spare: a 7B's dequantised base, no checkpointing
 }
 PARTS = ("train", "ppl", "gen")
 
@@ -60,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--ablation-steps", type=int, help="steps of each ablation run (default --train-steps; 0: none)"
     )
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated names of ABLATIONS")
+    parser.add_argument("--peers", default=",".join(peer.SIDES), help="comma-separated TRL sides (bench/peer.py)")
+    parser.add_argument(
+        "--baseline-steps", type=int, help="steps of the seed-style HF Trainer (default --train-steps; 0: none)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the steady-state rate")
     parser.add_argument("--n-train", type=int, default=3000, help="first N training records, as the seed report")
     parser.add_argument("--n-eval", type=int, default=250, help="first N public-test records for perplexity")
@@ -79,9 +85,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.ablations) - set(ABLATIONS)
     if unknown:
         parser.error(f"--ablations: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
+    args.peers = [p for p in args.peers.split(",") if p]
+    unknown = set(args.peers) - set(peer.SIDES)
+    if unknown:
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(peer.SIDES)}")
     args.model_path = args.model_path or DEFAULT_PATHS[args.model]
     if args.ablation_steps is None:
         args.ablation_steps = args.train_steps
+    if args.baseline_steps is None:
+        args.baseline_steps = args.train_steps
     return args
 
 
@@ -89,7 +101,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # adl-llm's choices, as they happen
     source = model_source(ModelConfig(name_or_path=args.model_path))  # builds the embedded model on first use
-    cfg = framework.compose(f"model.name_or_path={source}")
+    cfg = compose(f"model.name_or_path={source}")
     tokenizer = load_tokenizer(cfg.model, source)
     result = {
         "model": args.model,
@@ -125,7 +137,7 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
 
     `save(key, figures)` records each run as it finishes.
     """
-    cfg = framework.compose(f"model.name_or_path={source}")
+    cfg = compose(f"model.name_or_path={source}")
     records = load_records(cfg.data.train_file, need_outputs=True, limit=args.n_train)
     prompts = build_prompts([r.instruction for r in records], cfg.prompt)
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.train.max_length)
@@ -134,15 +146,23 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
     save("mean_example_tokens", sum(len(e.input_ids) for e in examples) / len(examples))
     save("warmup_steps", args.warmup_steps)
     run = partial(framework.train_framework, source, examples, pad_id=pad_id, warmup=args.warmup_steps)
-    hf = partial(baseline.train_baseline, source, examples, args.train_steps, warmup=args.warmup_steps)
-    save("baseline", _part("train baseline", lambda: hf(work_dir=scratch / "hf")))
     save("framework", _part("train adl-llm", lambda: run(args.train_steps, work_dir=scratch / "default")))
+    for name in args.peers:
+        liger, checkpointing = peer.SIDES[name]
+        trl = partial(peer.train_peer, source, examples, args.train_steps, liger=liger, checkpointing=checkpointing)
+        save(
+            f"peer_{name}",
+            _part(f"train {name}", lambda t=trl, n=name: t(work_dir=scratch / n, warmup=args.warmup_steps)),
+        )
+    if args.baseline_steps:
+        hf = partial(baseline.train_baseline, source, examples, args.baseline_steps, warmup=args.warmup_steps)
+        save("baseline", _part("train baseline", lambda: hf(work_dir=scratch / "hf")))
     if not args.ablation_steps:
         return
-    defaults = framework.compose()
+    defaults = compose()
     for name in args.ablations:
         overrides = ABLATIONS[name]
-        if framework.compose(*overrides) == defaults:
+        if compose(*overrides) == defaults:
             save(f"ablation_{name}", {"same_as": "framework"})  # the defaults already are the seed's choice
             continue
         work = scratch / name
@@ -154,7 +174,7 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
 
 def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> None:
     """Perplexity and generation on one NF4 model instance (adl-llm's loader), both sides on the same weights."""
-    cfg = framework.compose(f"model.name_or_path={source}")
+    cfg = compose(f"model.name_or_path={source}")
     records = load_records(cfg.data.eval_file, need_outputs=True)
     model = load_model(cfg.model, source=source)
     if "gen" in args.parts:  # first: the precision check of ppl replaces the model
@@ -180,9 +200,7 @@ def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
     if args.precision_check:
         del model
         measure.free()
-        exact = load_model(
-            framework.compose(f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32").model
-        )
+        exact = load_model(compose(f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32").model)
         out["fp32"] = compare_ppl(exact, examples, pad_id, [cfg.eval.batch_size], cfg=cfg)
     return out
 

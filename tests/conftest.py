@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from adl_llm.config import PROJECT_ROOT, Config, to_typed
+from adl_llm.config import PROJECT_ROOT, Config, compose
 
 ASSETS = Path(__file__).parent / "assets"
 TRAIN_FILE = ASSETS / "train.json"  # the first 40 records of data/classical_zh/train.json
@@ -60,11 +59,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory) -> Path:
+    """An ADL_LLM_CACHE holding the embedded model, built from its packages by two processes started at once."""
+    cache = tmp_path_factory.mktemp("adl-llm-cache")
+    build = [
+        sys.executable,
+        "-c",
+        "from adl_llm.embedded import embedded_model_dir as d; print(d('embedded:gemma3-270m'))",
+    ]
+    env = {**os.environ, "ADL_LLM_CACHE": str(cache)}
+    procs = [subprocess.Popen(build, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [proc.communicate(timeout=900)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert folders[0] == folders[1] == str(cache / "models" / "gemma3-270m")
+    return cache
+
+
 def compose_config(*overrides: str, output_dir: Path | str = "unused") -> Config:
     """The real conf/ with overrides, checked and typed like the entrypoint does."""
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        raw = compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
-    return to_typed(raw)
+    return compose(*overrides, output_dir=output_dir)
 
 
 def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
@@ -93,3 +107,13 @@ def run_entrypoint(*args: str, env: dict | None = None, timeout: int = 600) -> s
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device: skipped, saying so, where there is none (bench/gpu_session.sh runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: bash bench/gpu_session.sh gpu_tests)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adl_llm import batching
-from adl_llm.batching import answer_nll, collate
+from adl_llm import batching, loss
+from adl_llm.batching import collate
 from adl_llm.config import LoraConfig
 from adl_llm.data import load_records
 from adl_llm.encode import IGNORE, encode_examples
+from adl_llm.loss import answer_nll
+from adl_llm.modeling import add_lora
 from adl_llm.prompts import build_prompts
-from adl_llm.train import add_lora
 from tests.conftest import TRAIN_FILE, compose_config
 
 
@@ -46,10 +47,10 @@ def lora_grads(model) -> list[torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("chunk_elements", [batching.LOGIT_CHUNK_ELEMENTS, 3 * 101])  # one chunk; chunks of 3 rows
+@pytest.mark.parametrize("chunk_elements", [loss.LOGIT_CHUNK_ELEMENTS, 3 * 101])  # one chunk; chunks of 3 rows
 def test_value_and_lora_gradient_equal_full_logits(lora_batch, monkeypatch, chunk_elements):
     model, batch = lora_batch
-    monkeypatch.setattr(batching, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(loss, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
     expected = full_logits_nll(model, batch)
     expected.backward()
     expected_grads = lora_grads(model)
@@ -78,7 +79,7 @@ def collate_row(batch, row: int) -> batching.Batch:
 
 def test_soft_capped_gradient_matches_autograd(monkeypatch):
     """Gemma 2's final soft-capping, through the hand-written gradient, against autograd on full logits."""
-    monkeypatch.setattr(batching, "LOGIT_CHUNK_ELEMENTS", 4 * 50)  # chunks of 4 positions over 11
+    monkeypatch.setattr(loss, "LOGIT_CHUNK_ELEMENTS", 4 * 50)  # chunks of 4 positions over 11
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     weight, bias = torch.randn(50, 8, generator=generator, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
@@ -89,7 +90,7 @@ def test_soft_capped_gradient_matches_autograd(monkeypatch):
     (expected * upstream).sum().backward()
     want = hidden.grad.clone()
     hidden.grad = None
-    got = batching._ChunkedNLL.apply(hidden, weight, bias, targets, 3.0)
+    got = loss._ChunkedNLL.apply(hidden, weight, bias, targets, 3.0)
     (got * upstream).sum().backward()
     torch.testing.assert_close(got, expected.detach())
     torch.testing.assert_close(hidden.grad, want)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import profile_train, report
+from bench import peer, profile_train, report
 from bench import run as bench_run
 from tests.conftest import read_json
 
@@ -32,6 +32,9 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
     train = result["train"]
     for run in ("baseline", "framework", "ablation_2x8", "ablation_checkpointing"):
         assert "error" not in train[run], train[run]
+    for side, (liger, _) in peer.SIDES.items():  # TRL where the bench extra is installed, else a stated skip
+        run = train[f"peer_{side}"]
+        assert run.get("steps") == 3 or run["skipped"] == peer.missing_package(liger), run
     assert train["baseline"]["steps"] == train["framework"]["steps"] == 3
     assert len(train["framework"]["step_seconds"]) == len(train["framework"]["losses"]) == 3
     # How a step is split into passes must not change its loss (same weights, same data, same first step).
@@ -46,6 +49,7 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
         assert len(gen[f"beams{beams}"]["framework"]["texts"]) == 4
     text = report.render(report.load([tmp_path]))
     assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text
+    assert "Training against the peer, TRL's SFTTrainer" in text and "| trl + liger |" in text
     capsys.readouterr()
 
 

@@ -7,8 +7,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from adl_llm.config import PROJECT_ROOT, Quant, TaskName
-from adl_llm.errors import ConfigError
-from adl_llm.messages import one_line_error
+from adl_llm.errors import ConfigError, one_line_error
 from tests.conftest import compose_config, run_entrypoint
 
 GROUPS = ["model", "lora", "optim", "schedule", "gen", "data", "prompt", "task", "experiment"]

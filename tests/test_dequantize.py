@@ -10,11 +10,11 @@ from transformers import AutoTokenizer
 
 from adl_llm.config import ModelConfig, Quant
 from adl_llm.data import load_records
-from adl_llm.dequantize import dequantized_base, dequantized_bytes, nf4_layers
 from adl_llm.encode import encode_examples
-from adl_llm.modeling import attention_kernels, load_model
+from adl_llm.loss import accumulate_gradients
+from adl_llm.modeling import add_lora, attention_kernels, load_model
+from adl_llm.nf4 import dequantized_base, dequantized_bytes, nf4_layers
 from adl_llm.prompts import build_prompts
-from adl_llm.train import accumulate_gradients, add_lora
 from tests.conftest import TRAIN_FILE, compose_config
 
 

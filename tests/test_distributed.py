@@ -38,8 +38,8 @@ def test_two_gloo_processes_train_the_adapter_of_one(tiny_model_dir, tmp_path):
     m1, m2 = read_json(tmp_path / "one" / "metrics.json"), read_json(tmp_path / "two" / "metrics.json")
     assert m2["run/world_size"] == 2 and m2["train/steps"] == m1["train/steps"] == 4
     assert m2["train/losses"] == pytest.approx(m1["train/losses"], rel=1e-5)
-    assert m2["ids"] == m1["ids"]  # perplexity sharded over the ranks, gathered back in file order
-    assert m2["perplexities"] == pytest.approx(m1["perplexities"], rel=1e-3)
+    assert m2["eval/ids"] == m1["eval/ids"]  # perplexity sharded over the ranks, gathered back in file order
+    assert m2["eval/perplexities"] == pytest.approx(m1["eval/perplexities"], rel=1e-3)
     assert not list((tmp_path / "two").glob("*rank*"))  # one run folder, written by rank 0
 
 

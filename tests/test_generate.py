@@ -60,7 +60,7 @@ def test_task_generate_writes_ordered_predictions_and_metrics(tiny_model_dir, tm
     assert [p["id"] for p in predictions] == [r.id for r in load_records(str(EVAL_FILE), need_outputs=True)]
     assert all(isinstance(p["output"], str) and set(p) == {"id", "output"} for p in predictions)
     metrics = read_json(tmp_path / "metrics.json")
-    assert metrics["peak_rss_gb"] > 0.05 and metrics["gen/examples_per_s"] > 0
+    assert metrics["run/peak_rss_gib"] > 0.05 and metrics["gen/examples_per_s"] > 0
     assert 0 <= metrics["gen/chrf"] <= 100 and 0 <= metrics["gen/bleu"] <= 100
 
 
@@ -84,5 +84,5 @@ def test_beam_sweep_summary_has_a_row_per_job_and_marks_the_failed_one(tiny_mode
         rows = list(csv.DictReader(f))
     assert [row["overrides"] for row in rows] == ["gen.beams=1", "gen.beams=0", "gen.beams=3"]
     assert [row["status"].split(":")[0] for row in rows] == ["ok", "failed", "ok"]
-    assert rows[0]["peak_rss_gb"] and rows[2]["chrf"] and not rows[1]["chrf"]
+    assert rows[0]["peak_rss_gib"] and rows[2]["chrf"] and not rows[1]["chrf"]
     assert not (sweep / "1" / "metrics.json").exists() and (sweep / "generation.png").is_file()

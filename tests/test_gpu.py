@@ -1,0 +1,59 @@
+"""On a GPU, with the embedded model: what the CPU tests cannot show (bench/gpu_session.sh gpu_tests runs these)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import set_seed
+
+from adl_llm.batching import collate
+from adl_llm.config import ModelConfig
+from adl_llm.data import load_records
+from adl_llm.encode import encode_examples
+from adl_llm.loss import answer_nll
+from adl_llm.memory import memory_limit
+from adl_llm.modeling import add_lora, load_model, load_tokenizer, model_source
+from adl_llm.prompts import build_prompts
+from adl_llm.train import train
+from tests.conftest import compose_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    cfg = ModelConfig()  # the embedded Gemma-3-270M, NF4, bf16 compute
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
+    records = load_records(compose_config().data.train_file, need_outputs=True, limit=64)
+    prompts = build_prompts([r.instruction for r in records], compose_config().prompt)
+    examples = encode_examples(tokenizer, prompts, [r.output for r in records], 2048)
+    return source, tokenizer, examples
+
+
+def test_bf16_answer_nll_agrees_with_the_models_own_loss(embedded):
+    source, tokenizer, examples = embedded
+    model = load_model(ModelConfig(name_or_path=source))
+    batch = collate(examples[:16], tokenizer.pad_token_id, "cuda")
+    with torch.no_grad():
+        ours = answer_nll(model, batch).nll.mean()
+        theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=5e-3)
+
+
+@pytest.mark.parametrize("budget_gb", [3.0, 6.0])
+def test_the_memory_plan_keeps_training_within_its_budget(embedded, tmp_path, budget_gb):
+    source, tokenizer, examples = embedded
+    cfg = compose_config(
+        f"model.name_or_path={source}",
+        f"train.memory_budget_gb={budget_gb}",
+        "train.max_steps=4",
+        "train.save_every=0",
+        output_dir=tmp_path,
+    )
+    set_seed(0)
+    model = add_lora(load_model(cfg.model), cfg.lora)
+    torch.cuda.reset_peak_memory_stats()
+    state = train(model, examples, cfg, tmp_path, tokenizer.pad_token_id)
+    assert state.global_step == 4
+    assert torch.cuda.max_memory_allocated() <= memory_limit(budget_gb, torch.device("cuda"))
