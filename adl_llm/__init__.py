@@ -4,7 +4,9 @@ Each module does one job; the config group (`conf/<group>/`) or key it reads is 
 
 Entry and configuration
     run.py           the entrypoint `python -m adl_llm.run`: compose, check, run the task; the failure policy
-    config.py        the typed schema of every group, defaults read from conf/; `compose()` for code   (all)
+    config.py        the typed schema of every group; `compose()` for code                               (all)
+    train_config.py  the schemas of the training groups                                   optim, schedule, train
+    conf_files.py    conf/ on disk: each schema's defaults read from it, value checks, the run stamp
     tasks.py         one function per task: pipeline, train, eval, generate; their objectives           task
     errors.py        the user's mistakes as one line each
 

@@ -24,7 +24,7 @@ from adl_llm.artifacts import write_json
 from adl_llm.config import Config, GenConfig
 from adl_llm.data import Record
 from adl_llm.distributed import is_main, map_in_order
-from adl_llm.memory import out_of_memory_advice
+from adl_llm.memory import GIB, out_of_memory_advice
 from adl_llm.prompts import build_prompts
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     kv_per_token = 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
     copies = LOGIT_COPIES["sampling" if gen.do_sample else "search"]
     per_sequence = kv_per_token * (longest + gen.max_new_tokens) + copies * 4 * text.vocab_size
-    room = gen.memory_budget_gb * 2**30 - torch.cuda.memory_allocated(device)
+    room = gen.memory_budget_gb * GIB - torch.cuda.memory_allocated(device)
     return max(1, int(SAFETY * room / per_sequence) // gen.beams)
 
 

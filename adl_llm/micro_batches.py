@@ -47,7 +47,7 @@ def split_step(
     batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1
 ) -> list[list[Encoded]]:
     """The micro-batches of one process's share of a step."""
-    fixed = tc.examples_per_pass(world_size())
+    fixed = tc.examples_per_micro_batch(world_size())
     if fixed:
         return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
     micro_batches: list[list[Encoded]] = []
@@ -65,7 +65,7 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
     """Padded tokens per micro-batch and whether to checkpoint: given, a CPU default, or measured on the GPU."""
     multiple = pad_multiple(tc.pad_to_multiple, device)
     asked = bool(tc.gradient_checkpointing)
-    if tc.micro_batch_tokens or tc.examples_per_pass(world_size()):
+    if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
         return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked)
     if device.type != "cuda":
         return MicroBatchPlan(CPU_MICRO_BATCH_TOKENS, multiple, asked)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-GIB = 2**30
+from adl_llm.memory import GIB
 
 
 def device() -> torch.device:

@@ -204,7 +204,7 @@ def _split(run: dict) -> str:
     checkpointing = {True: "on", False: "off"}.get(train.get("gradient_checkpointing"), "auto")
     if train["micro_batch_size"] or train["grad_accum"]:
         return f"{train['micro_batch_size'] or '?'} x {train['grad_accum'] or '?'}, {checkpointing}"
-    return f"by length, {train.get('micro_batch_tokens') or 'auto'} tokens/pass, {checkpointing}"
+    return f"by length, {train.get('micro_batch_tokens') or 'auto'} tokens a micro-batch, {checkpointing}"
 
 
 def _ppl_default(data: dict) -> dict:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from adl_llm.config import PROJECT_ROOT, Quant, TaskName
+from adl_llm.config import (
+    PROJECT_ROOT,
+    EvalConfig,
+    GenConfig,
+    LoraConfig,
+    ModelConfig,
+    PromptConfig,
+    Quant,
+    ScheduleConfig,
+    TaskConfig,
+    TaskName,
+    TrainConfig,
+)
 from adl_llm.errors import ConfigError, one_line_error
 from tests.conftest import compose_config, run_entrypoint
 
@@ -116,3 +130,35 @@ def test_cfg_job_shows_every_group():
         "eval",
         "adapter",
     } <= top_level
+
+
+def test_the_dataclasses_defaults_are_the_conf_files_defaults():
+    """One source: a schema built in code reads its defaults from its group's default option in conf/."""
+    cfg = compose_config()
+    schemas = (ModelConfig, LoraConfig, ScheduleConfig, GenConfig, PromptConfig, TaskConfig, EvalConfig, TrainConfig)
+    composed = (cfg.model, cfg.lora, cfg.schedule, cfg.gen, cfg.prompt, cfg.task, cfg.eval, cfg.train)
+    for schema, group in zip(schemas, composed):
+        assert schema() == group, schema.__name__
+
+
+@pytest.mark.parametrize("option,schema", [("train/default", TrainConfig), ("eval/default", EvalConfig)])
+def test_every_train_and_eval_key_is_in_conf_with_its_trade_off(option, schema):
+    lines = (PROJECT_ROOT / "conf" / f"{option}.yaml").read_text(encoding="utf-8").splitlines()
+    for name in (f.name for f in dataclasses.fields(schema)):
+        [at] = [i for i, line in enumerate(lines) if line.startswith(f"{name}:")]
+        assert "  # " in lines[at] or lines[at - 1].startswith("# "), f"{option}.yaml: {name} has no comment"
+
+
+def test_a_key_missing_from_conf_is_an_error_at_import(tmp_path, monkeypatch):
+    from adl_llm import conf_files
+
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "default.yaml").write_text("shown: 1\n")
+    monkeypatch.setattr(conf_files, "CONF_DIR", tmp_path)
+    with pytest.raises(KeyError, match=r"conf/group/default\.yaml: no value for hidden"):
+
+        @dataclasses.dataclass
+        @conf_files.defaults_from("group/default")
+        class Schema:
+            shown: int
+            hidden: int

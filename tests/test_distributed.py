@@ -46,9 +46,9 @@ def test_two_gloo_processes_train_the_adapter_of_one(tiny_model_dir, tmp_path):
 def test_split_of_a_step_is_solved_for_the_world_size():
     from adl_llm.config import TrainConfig
 
-    assert TrainConfig(batch_size=16, micro_batch_size=2, grad_accum=8).examples_per_pass(1) == 2
-    assert TrainConfig(batch_size=16, grad_accum=2).examples_per_pass(2) == 4  # 4 x 2 passes x 2 ranks = 16
-    assert TrainConfig(batch_size=16).examples_per_pass(4) is None  # automatic: by length, within a token budget
+    assert TrainConfig(batch_size=16, micro_batch_size=2, grad_accum=8).examples_per_micro_batch(1) == 2
+    assert TrainConfig(batch_size=16, grad_accum=2).examples_per_micro_batch(2) == 4  # 4 x 2 passes x 2 ranks = 16
+    assert TrainConfig(batch_size=16).examples_per_micro_batch(4) is None  # automatic: by length, within a token budget
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "local_parallel"])
