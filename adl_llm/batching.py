@@ -13,6 +13,10 @@ from adl_llm.encode import IGNORE, Encoded
 # On a GPU every new batch shape costs once (kernel plans, allocator blocks) and lengths vary from batch to batch,
 # so widths are rounded up to a few buckets; on a CPU the padding would be paid for in compute instead.
 GPU_PAD_MULTIPLE = 64
+# A CPU computes near its peak even on small batches, and every pad token costs it as much as a real one, so there
+# batches are cut by padded tokens: Gemma-3-270M on 2 AVX2 cores trains 1.26x and scores 1.66x faster at 1024 than
+# with a step or a batch of 64 in one piece (README, "On CPU").
+CPU_BATCH_TOKENS = 1024
 
 
 @dataclass

@@ -9,7 +9,9 @@ during a save leaves the previous checkpoint as the latest complete one. Nothing
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -20,10 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adl_llm.artifacts import replace_dir
-from adl_llm.errors import UserError
+from adl_llm.errors import ResourceError, UserError
 
 PREFIX = "step-"
 STATE_FILE = "state.json"  # written last: a folder without it is not a checkpoint
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,24 +62,40 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, state: TrainState, adapter: dict, optimizer, scheduler, keep: int) -> Path:
-    """Write a checkpoint for `state.global_step` under `folder`, then keep only the newest `keep`."""
+    """Write a checkpoint for `state.global_step` under `folder`, then keep only the newest `keep`.
+
+    A write that fails (a full disk) leaves no temporary folder behind and names what to change."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{state.global_step:06d}"
     work = folder / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, work / "adapter.safetensors")
-    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
-    save_file(optimizer_tensors, work / "optimizer.safetensors")
-    payload = {"train": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta}
-    with open(work / STATE_FILE, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    replace_dir(work, final)
+    try:
+        work.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, work / "adapter.safetensors")
+        optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+        save_file(optimizer_tensors, work / "optimizer.safetensors")
+        payload = {"train": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta}
+        with open(work / STATE_FILE, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_dir(work, final)
+    except BaseException as err:
+        shutil.rmtree(work, ignore_errors=True)
+        if _disk_full(err):
+            raise ResourceError(
+                f"{folder}: no space left on the device while saving a checkpoint; free some, or save less often "
+                "(train.save_every, 0 for the end only)"
+            ) from None
+        raise
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(err: BaseException) -> bool:
+    # safetensors reports the OS error inside its own exception's text
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -87,24 +106,54 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def load_checkpoint(
-    path: Path, optimizer, scheduler, device: torch.device, fingerprint: str
-) -> tuple[TrainState, dict]:
-    """Restore the optimiser and scheduler from `path`; return the training state and adapter weights.
+def check_resumable(folder: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint under `folder` whose state can be read, refused if it was written under other
+    training settings (another `fingerprint`); None when there is none. Read before anything is written."""
+    for path in reversed(complete_checkpoints(folder)):
+        try:
+            written_under = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["train"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged: training skips it too, with a warning
+        if written_under != fingerprint:
+            raise UserError(
+                f"{path} was written with other training settings; resume it with the same config, "
+                "or start over with train.resume=never"
+            )
+        return path
+    return None
 
-    A checkpoint written under other training settings (another `fingerprint`) is refused.
+
+def load_latest_checkpoint(
+    folder: Path, optimizer, scheduler, device: torch.device, fingerprint: str
+) -> tuple[TrainState, dict] | None:
+    """Restore the optimiser and scheduler from the newest usable checkpoint under `folder`; return the training
+    state and adapter weights, or None when there is no checkpoint.
+
+    A damaged checkpoint (a truncated file, unreadable JSON) is skipped with a warning naming it, for the one
+    before; one written under other training settings is refused.
     """
-    payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    state = TrainState(**payload["train"])
-    if state.fingerprint != fingerprint:
-        raise UserError(
-            f"{path} was written with other training settings; resume it with the same config, "
-            "or start over with train.resume=never"
-        )
-    optimizer_tensors = load_file(path / "optimizer.safetensors", device=str(device))
-    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, payload["optimizer"]))
-    scheduler.load_state_dict(payload["scheduler"])
-    return state, load_file(path / "adapter.safetensors", device=str(device))
+    candidates = complete_checkpoints(folder)
+    for path in reversed(candidates):
+        try:
+            payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            state = TrainState(**payload["train"])
+            optimizer_tensors = load_file(path / "optimizer.safetensors", device=str(device))
+            adapter = load_file(path / "adapter.safetensors", device=str(device))
+            optimizer_state = _join_optimizer_state(optimizer_tensors, payload["optimizer"])
+        except Exception as err:  # safetensors raises its own error type for a truncated file
+            log.warning("%s is damaged (%s); the checkpoint before it is used", path, f"{type(err).__name__}: {err}")
+            continue
+        if state.fingerprint != fingerprint:
+            raise UserError(
+                f"{path} was written with other training settings; resume it with the same config, "
+                "or start over with train.resume=never"
+            )
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(payload["scheduler"])
+        return state, adapter
+    if candidates:
+        raise UserError(f"{folder}: every checkpoint is damaged; start over with train.resume=never")
+    return None
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

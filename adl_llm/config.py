@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from adl_llm.conf_files import CONF_DIR, PROJECT_ROOT, defaults_from, require, require_at_least, run_stamp
-from adl_llm.errors import unknown_key
+from adl_llm.errors import ConfigError, unknown_key
 from adl_llm.train_config import OptimConfig, ResumeMode, ScheduleConfig, ScheduleName, TrainConfig
 
 # Re-exported: the whole schema can be imported from here.
@@ -32,6 +34,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "GenConfig",
+    "LongPrompts",
     "LoraConfig",
     "ModelConfig",
     "OptimConfig",
@@ -43,6 +46,7 @@ __all__ = [
     "TaskConfig",
     "TaskName",
     "TrainConfig",
+    "as_plain",
     "compose",
     "run_stamp",
     "to_typed",
@@ -59,6 +63,11 @@ class DType(enum.Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class LongPrompts(enum.Enum):
+    cut_left = "cut_left"  # keep the prompt's end, where the question is, as far as gen.max_prompt_tokens allows
+    refuse = "refuse"  # stop the run, naming the record
 
 
 class TaskName(enum.Enum):
@@ -113,10 +122,13 @@ class GenConfig:
     stop_strings: list[str]
     batch_size: int | None
     memory_budget_gb: float
+    max_prompt_tokens: int | None
+    long_prompts: LongPrompts
 
     def __post_init__(self) -> None:
         require_at_least("gen", self, 1, "beams", "max_new_tokens")
         require_at_least("gen", self, 1, "batch_size", null=True)
+        require_at_least("gen", self, 2, "max_prompt_tokens", null=True)
         require_at_least("gen", self, 0, "top_k")  # 0 disables it
         require_at_least("gen", self, 0, "temperature", "memory_budget_gb", strict=True)
         require(0.0 < self.top_p <= 1.0, "gen.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -153,9 +165,28 @@ class PromptConfig:
             "prompt.query_template",
             "must contain the placeholder {instruction}",
         )
+        _placeholders(self.query_template, "prompt.query_template", {"instruction"})
+        _placeholders(self.shot_template, "prompt.shot_template", {"n", "instruction", "output"})
+        require(
+            self.n_shots > 0 or not self.shots_intro,
+            "prompt.n_shots",
+            f"is 0, but the {self.name} prompt introduces worked examples (prompt.shots_intro); set n_shots >= 1, "
+            "or use prompt=zero_shot",
+        )
         if self.n_shots:
             for part in ("{instruction}", "{output}"):
                 require(part in self.shot_template, "prompt.shot_template", f"must contain the placeholder {part}")
+
+
+def _placeholders(template: str, key: str, allowed: set[str]) -> None:
+    """Refuse a template that str.format would fail on, naming the placeholder."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ConfigError(key, f"is not a valid template ({err}); write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted(fields - allowed)
+    names = ", ".join("{" + name + "}" for name in sorted(allowed))
+    require(not unknown, key, f"unknown placeholder {{{unknown[0] if unknown else ''}}}; it may use {names}")
 
 
 @dataclass
@@ -170,6 +201,7 @@ class EvalConfig:
     batch_size: int
     max_length: int
     pad_to_multiple: int | None
+    share_prefix: bool
 
     def __post_init__(self) -> None:
         require_at_least("eval", self, 1, "batch_size")
@@ -198,6 +230,19 @@ class Config:
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        # An unset shell variable (`adapter=$ADAPTER`) gives an empty string, which would mean the base model.
+        for key, value in (("adapter", self.adapter), ("train.init_from", self.train.init_from)):
+            require(value is None or bool(value.strip()), key, "is empty; give a folder, or null for none")
+        for key in ("train_file", "eval_file"):
+            require(bool(getattr(self.data, key).strip()), f"data.{key}", "is empty; give a data file")
+
+
+def as_plain(cfg: Config) -> dict[str, Any]:
+    """The config as the user writes it (enum values, the optim group's own keys), for run.json and .hydra/."""
+    plain = json.loads(json.dumps(dataclasses.asdict(cfg), default=lambda v: v.value))
+    optim = plain["optim"]
+    plain["optim"] = {"_target_": optim["target"], "lr": optim["lr"], **optim["arguments"]}
+    return plain
 
 
 def register() -> None:

@@ -7,6 +7,9 @@ loads a hub dataset through `datasets`. Every problem is reported with the file 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +57,8 @@ def _read_rows(source: str) -> list[Any]:
         return _read_hub_dataset(source)
     path = Path(source)
     if not path.is_file():
-        raise DataError(f"{source}: no such data file")
-    text = path.read_text(encoding="utf-8")
+        raise DataError(f"{source}: " + ("is a folder, not a data file" if path.is_dir() else "no such data file"))
+    text = _read_text(source, path)
     if path.suffix == ".jsonl":
         return [_parse_json(source, line, f"line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not text.strip():
@@ -66,6 +69,18 @@ def _read_rows(source: str) -> list[Any]:
     return rows
 
 
+def _read_text(source: str, path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; anything else is named, not guessed."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{source}: the file is UTF-16; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{source}: not UTF-8 text (byte {err.start}, line {line}); save it as UTF-8") from None
+
+
 def _parse_json(source: str, text: str, where: str) -> Any:
     try:
         return json.loads(text)
@@ -73,16 +88,38 @@ def _parse_json(source: str, text: str, where: str) -> Any:
         raise DataError(
             f"{source}: {where} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None
+    except RecursionError:
+        raise DataError(f"{source}: {where} is nested too deeply to be records") from None
 
 
 def _read_hub_dataset(source: str) -> list[Any]:
+    name, _, split = source.removeprefix("hf:").partition(":")
+    online = _hub_reachable()
+    if not online:  # datasets would retry for half a minute; the local cache answers at once
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     import datasets
 
-    name, _, split = source.removeprefix("hf:").partition(":")
     try:
         return list(datasets.load_dataset(name, split=split or "train"))
     except Exception as err:
+        if not online:
+            raise DataError(
+                f"{source}: the Hugging Face hub cannot be reached (offline?) and the dataset is not in the local "
+                "cache; pass a local .json or .jsonl file"
+            ) from None
         raise DataError(f"{source}: cannot load the hub dataset ({type(err).__name__}: {err})") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers (False at once when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_record(source: str, index: int, row: Any, need_outputs: bool) -> Record:

@@ -15,18 +15,20 @@ the file is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from adl_llm.artifacts import replace_dir
+from adl_llm.artifacts import remove_stale_temporaries, replace_dir
 from adl_llm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -83,12 +85,29 @@ def embedded_model_dir(name_or_path: str, gguf: Path | None = None) -> Path:
     if _cache_is_sound(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with _build_lock(target):
         if not _cache_is_sound(target):  # another process may have built it while we waited
+            for path in remove_stale_temporaries(target.parent):
+                log.warning("removed %s, left by a build that was killed", path)
             if (target / MARKER).is_file():
                 log.warning("%s: built by an earlier adl-llm or with another tokenizer; building it again", target)
             _build(name, target, gguf)
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """One builder at a time; a process that has to wait says so, since a build takes minutes."""
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("another process is building %s; waiting for it (about a minute and a half)", target)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_tokenizer(name_or_path: str, tokenizer) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import difflib
 import errno
 import re
+import traceback
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class UserError(Exception):
-    """A mistake in the input (config, data, paths, model choice) rather than a bug in adl-llm."""
+    """A mistake in the input (config, data, paths, model choice) rather than a bug in adl-llm: exit status 2."""
+
+    exit_status = 2
 
 
 class ConfigError(UserError):
@@ -32,6 +35,13 @@ class ModelError(UserError):
 
 class ResourceError(UserError):
     """The machine cannot do what the settings ask (GPU memory, an output folder), named with what to change."""
+
+
+class RunFailed(UserError):
+    """The run produced no result worth keeping (nothing to train or score, a loss that went non-finite): exit
+    status 1, one line saying why and what to change."""
+
+    exit_status = 1
 
 
 def unknown_key(key: str, known: list[str]) -> ConfigError:
@@ -57,12 +67,22 @@ def one_line_error(exc: BaseException) -> str | None:
         return _omegaconf(cause)
     if isinstance(exc, HydraException):
         return _first_line(str(exc))
+    if isinstance(exc, ValueError) and isinstance(exc.__cause__, OSError):  # logging's "Unable to configure handler"
+        exc = exc.__cause__
     if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
         return (
             f"{exc.filename}: cannot write there ({exc.strerror}); choose another output folder with "
             "hydra.run.dir=... (hydra.sweep.dir=... for a multirun)"
         )
     return None
+
+
+def failure_report(exc: BaseException) -> str:
+    """What error.txt holds: the one line (or the exception's first line), then the traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)\n"
+    message = one_line_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return message + "\n\n" + "".join(traceback.format_exception(exc))
 
 
 # Errors of a folder that cannot be written: no permission, a file in the way, a read-only or full disk.

@@ -18,39 +18,52 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from adl_llm.artifacts import write_json
-from adl_llm.config import Config, GenConfig
+from adl_llm.config import Config, GenConfig, LongPrompts
 from adl_llm.data import Record
 from adl_llm.distributed import is_main, map_in_order
+from adl_llm.errors import UserError
 from adl_llm.memory import GIB, out_of_memory_advice
 from adl_llm.prompts import build_prompts
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits
+CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits...
+CPU_BATCH_TOKENS = 4096  # ...unless they are long: at most this many prompt and new tokens a batch
 # fp32 vocabulary rows per sequence while a token is chosen (bounds; docs/BENCHMARKS.md): search (greedy or beams)
 # holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
 LOGIT_COPIES = {"search": 6, "sampling": 10}
 SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
 
 
-def generate_records(cfg: Config, model, tokenizer, records: list[Record], shots: list[Record], out: Path) -> dict:
-    """Decode `records`, write predictions.json ({id, output} in file order) and return the `gen/` metrics."""
+def encode_for_generation(cfg: Config, tokenizer, records: list[Record], shots: list[Record]):
+    """The prompts' token ids within gen.max_prompt_tokens (default eval.max_length), before any model loads;
+    returns them and the ids of the records whose prompts were cut."""
     prompts = build_prompts([r.instruction for r in records], cfg.prompt, shots)
+    limit = cfg.gen.max_prompt_tokens or cfg.eval.max_length
+    bos = tokenizer.bos_token_id is not None
+    return fit_prompts(encode_prompts(tokenizer, prompts), limit, cfg.gen.long_prompts, [r.id for r in records], bos)
+
+
+def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepared, out: Path) -> dict:
+    """Decode `records` from their `prepared` prompts (encode_for_generation), write predictions.json ({id,
+    output} in file order) and return the `gen/` metrics."""
+    encoded, cut = prepared
     started = time.perf_counter()
     if cfg.gen.batch_size:
         settings = f"gen.batch_size (now {cfg.gen.batch_size}) or gen.beams"
     else:
         settings = "gen.memory_budget_gb or set gen.batch_size, or lower gen.beams"
     with out_of_memory_advice("generation", settings):
-        texts = generate_texts(model, tokenizer, prompts, cfg.gen)
+        texts = generate_from_ids(model, tokenizer, encoded, cfg.gen)
     seconds = time.perf_counter() - started
     if is_main():
         write_json(out / "predictions.json", [{"id": r.id, "output": text} for r, text in zip(records, texts)])
     metrics = {
         "gen/n_examples": len(records),
+        "gen/n_prompts_cut": len(cut),
         "gen/seconds": seconds,
         "gen/examples_per_s": len(records) / seconds,
         "gen/new_tokens_per_s": count_new_tokens(tokenizer, texts) / seconds,
@@ -89,7 +102,7 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     if gen.batch_size:
         return gen.batch_size
     if device.type != "cuda":
-        return CPU_BATCH_SIZE
+        return max(1, min(CPU_BATCH_SIZE, CPU_BATCH_TOKENS // ((longest + gen.max_new_tokens) * gen.beams)))
     text = model.config.get_text_config()
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -108,12 +121,49 @@ def pad_left(rows: Sequence[list[int]], value: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-@torch.no_grad()
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """`[BOS] + tok(prompt)`: the prefix the course perplexity scores the answer after."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def fit_prompts(
+    encoded: list[list[int]], limit: int, policy: LongPrompts, names: Sequence[str], bos: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Prompts of at most `limit` tokens: longer ones cut from the left (BOS kept) or refused, naming the first.
+
+    Returns the prompts and the names of those cut. Without a limit one long prompt (a pasted document) grows a
+    batch's attention and KV cache until the machine runs out of memory."""
+    long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+    if long and policy is LongPrompts.refuse:
+        first = long[0]
+        raise UserError(
+            f"record {names[first]!r}: its prompt has {len(encoded[first])} tokens, over gen.max_prompt_tokens="
+            f"{limit}; raise it, or set gen.long_prompts=cut_left ({len(long)} prompt(s) too long)"
+        )
+    head = 1 if bos else 0
+    fitted = [ids[:head] + ids[len(ids) - (limit - head) :] if len(ids) > limit else ids for ids in encoded]
+    if long:
+        log.warning(
+            "%d prompt(s) longer than gen.max_prompt_tokens=%d were cut from the left: %s",
+            len(long),
+            limit,
+            ", ".join(str(names[i]) for i in long[:5]),
+        )
+    return fitted, [names[i] for i in long]
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, progress: bool = True) -> list[str]:
     """One decoded answer per prompt, in the order of `prompts`."""
+    return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts), gen, progress=progress)
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model, tokenizer, encoded: list[list[int]], gen: GenConfig, *, progress: bool = True
+) -> list[str]:
+    """One decoded answer per encoded prompt, in their order; batches sized by the longest prompt in each."""
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     # Longest first: little padding per batch, and an out-of-memory shows in the first batch, not the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
@@ -127,23 +177,23 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, 
         bos_token_id=tokenizer.bos_token_id,
         **sampling,
     )
-
-    # Built once per call: its tables cover the whole vocabulary (about a second for 262k tokens).
-    stops = StoppingCriteriaList([StopStringCriteria(tokenizer, list(gen.stop_strings))] if gen.stop_strings else [])
-    batch_size = prompts_per_batch(model, gen, max(len(ids) for ids in encoded)) if encoded else 1
+    stops = stop_criterion(tokenizer, gen.stop_strings)
 
     def work(share: list[int]) -> list[str]:
         texts: list[str] = []
         bar = tqdm(
             total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main()
         )
-        for start in range(0, len(share), batch_size):
-            ids, mask = pad_left([encoded[i] for i in share[start : start + batch_size]], tokenizer.pad_token_id)
+        start = 0
+        while start < len(share):
+            batch = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]))]
+            start += len(batch)
+            ids, mask = pad_left([encoded[i] for i in batch], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=settings,
-                stopping_criteria=stops,
+                stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
             )
             decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             texts.extend(cut_at_stop(text, gen.stop_strings) for text in decoded)
@@ -153,6 +203,34 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, 
 
     by_index = map_in_order(order, work)  # under torchrun each rank decodes a share
     return [by_index[i] for i in range(len(encoded))]
+
+
+def stop_criterion(tokenizer, stop_strings: Sequence[str]):
+    """A factory of the stop-string criterion for a batch whose prompts are `width` columns wide, or None.
+
+    transformers' StopStringCriteria is vectorised, but its tables need a tokenizer whose tokens it can map back
+    to text (about a second to build for 262k tokens, so once per call); where it cannot (a tokenizer without a
+    decoder), the new text of every row is decoded and searched each step instead."""
+    if not stop_strings:
+        return None
+    try:
+        fast = StopStringCriteria(tokenizer, list(stop_strings))
+    except Exception as err:  # transformers raises a bare ValueError("substring not found") here
+        log.info("stop strings checked on the decoded text (%s: %s)", type(err).__name__, err)
+        return lambda width: DecodedStopCriteria(tokenizer, stop_strings, width)
+    return lambda width: fast
+
+
+class DecodedStopCriteria(StoppingCriteria):
+    """Stop a row once its decoded new text holds a stop string: any tokenizer, one decode per row and step."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, list(stop_strings), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        found = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
 
 def count_new_tokens(tokenizer, texts: Sequence[str]) -> int:

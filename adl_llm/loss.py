@@ -13,8 +13,11 @@ groups of similar length, shares of several processes) changes the speed and not
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +39,61 @@ class AnswerNLL:
         return sums, torch.bincount(self.rows, minlength=n_rows)
 
 
-def answer_nll(model, batch: Batch) -> AnswerNLL:
+@dataclass
+class SharedPrefix:
+    """The tokens every example of an evaluation starts with (the system text, few-shot examples), run through the
+    decoder once: a batch then passes only what follows, attending to this KV cache."""
+
+    length: int
+    cache: Any  # a transformers Cache of one row
+
+    def for_batch(self, rows: int):
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+
+@torch.no_grad()
+def shared_prefix(model, examples: Sequence[Encoded], min_length: int = 16) -> SharedPrefix | None:
+    """The longest token prefix all `examples` share and none needs scoring from, computed once; None if short."""
+    first = examples[0].input_ids
+    length = len(first)
+    for ex in examples:
+        pairs = zip(first[:length], ex.input_ids)
+        same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(length, len(ex.input_ids)))
+        scored = next((i for i, label in enumerate(ex.labels) if label != IGNORE), len(ex.labels))
+        # The last prefix position predicts nothing scored, and every example keeps a token after the prefix.
+        length = min(length, same, scored - 1, len(ex.input_ids) - 1)
+    if length < min_length:
+        return None
+    device = next(model.parameters()).device
+    ids = torch.tensor([first[:length]], device=device)
+    out = model.get_decoder()(input_ids=ids, use_cache=True)
+    return SharedPrefix(length, getattr(out, _cache_keyword(model)))
+
+
+def _cache_keyword(model) -> str:
+    """The decoder's name for its KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
+def answer_nll(model, batch: Batch, prefix: SharedPrefix | None = None) -> AnswerNLL:
     """The NLL of every answer token of `batch`, each predicted from the tokens before it.
 
     Position t predicts token t+1; the logits are those of the model's own head (`get_output_embeddings`, with
     Gemma's final soft-capping where the config sets it). A head that trains (LoRA on `lm_head`, a trained bias)
-    goes through plain autograd, still a chunk of positions at a time in the forward pass.
+    goes through plain autograd, still a chunk of positions at a time in the forward pass. With a `prefix`, the
+    batch holds what follows it and attends to its cache (evaluation only).
     """
     scored = batch.labels[:, 1:] != IGNORE
     rows, columns = scored.nonzero(as_tuple=True)
     targets = batch.labels[:, 1:][rows, columns]
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if prefix is not None:
+        before = batch.attention_mask.new_ones(len(batch.input_ids), prefix.length)
+        inputs["attention_mask"] = torch.cat([before, batch.attention_mask], dim=1)
+        inputs.update({_cache_keyword(model): prefix.for_batch(len(batch.input_ids)), "use_cache": True})
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if _frozen_linear(head):

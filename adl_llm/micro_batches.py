@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adl_llm.batching import epoch_batches, pad_multiple, padded_width
+from adl_llm.batching import CPU_BATCH_TOKENS, epoch_batches, pad_multiple, padded_width
 from adl_llm.config import TrainConfig
 from adl_llm.distributed import rank, world_size
 from adl_llm.encode import Encoded
@@ -30,7 +30,6 @@ from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
 
 log = logging.getLogger(__name__)
-CPU_MICRO_BATCH_TOKENS = 4096  # padded tokens per micro-batch on a CPU, where memory is rarely what limits
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
 RECOMPUTE_COST = 1.5  # a checkpointed pass's time over a plain one's (Gemma-3-270M on an H200: 1.5)
 PLANNED_STEPS = 32  # the first steps of an epoch, whose micro-batches the checkpointing choice counts
@@ -68,7 +67,7 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
     if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
         return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked)
     if device.type != "cuda":
-        return MicroBatchPlan(CPU_MICRO_BATCH_TOKENS, multiple, asked)
+        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked)
     longest = max(examples, key=lambda ex: len(ex.input_ids))
     length = padded_width(len(longest.input_ids), multiple)
     # This process's share of the first steps of an epoch, as split_step will cut them.

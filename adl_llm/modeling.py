@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,16 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adl_llm.artifacts import replace_dir, write_json
 from adl_llm.config import DType, LoraConfig, ModelConfig, Quant
+from adl_llm.devices import default_device, fastest_dtype
 from adl_llm.embedded import check_tokenizer, embedded_model_dir, is_embedded
 from adl_llm.errors import ModelError
+from adl_llm.folders import check_adapter_folder, check_model_folder
 from adl_llm.nf4 import nf4_quantization
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """The GPU of this process (under torchrun, the one of its local rank), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -44,10 +44,8 @@ def attention_kernels(cudnn: bool) -> Iterator[None]:
 
 
 def weight_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU and for NF4 compute (as QLoRA runs), float32 for plain weights on a CPU."""
-    if cfg.dtype is DType.auto:
-        return torch.bfloat16 if device.type == "cuda" or cfg.quant is Quant.nf4 else torch.float32
-    return getattr(torch, cfg.dtype.value)
+    """The weights' dtype and NF4's compute dtype: `auto` is the one `device` computes fastest (devices.py)."""
+    return fastest_dtype(device) if cfg.dtype is DType.auto else getattr(torch, cfg.dtype.value)
 
 
 def model_source(cfg: ModelConfig) -> str:
@@ -58,6 +56,7 @@ def model_source(cfg: ModelConfig) -> str:
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"model.name_or_path={cfg.name_or_path}: is a file, not a model folder")
+        check_model_folder(path, "model.name_or_path")
         return str(path)
     if _looks_like_path(cfg.name_or_path):
         raise ModelError(f"model.name_or_path={cfg.name_or_path}: no such model folder")
@@ -65,7 +64,14 @@ def model_source(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
-    source = source or model_source(cfg)
+    """The model's tokenizer (pad = EOS where it has none); loaded once per process for the jobs of a multirun,
+    since a 262k-token tokenizer takes seconds to load."""
+    return _tokenizer(source or model_source(cfg), cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str, name_or_path: str, revision: str | None, trust_remote_code: bool):
+    cfg = ModelConfig(name_or_path=name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
     if is_embedded(cfg.name_or_path):  # a later transformers might read the cached tokenizer.json otherwise
         check_tokenizer(cfg.name_or_path, tokenizer)
@@ -76,6 +82,15 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
 
 def tokenizer_fingerprint(tokenizer) -> dict:
     """What run.json records of the tokenizer: its class, size and a sha256 of its full definition."""
+    if tokenizer not in _fingerprints:
+        _fingerprints[tokenizer] = _fingerprint(tokenizer)
+    return _fingerprints[tokenizer]
+
+
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a second per 262k-token tokenizer
+
+
+def _fingerprint(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     definition += json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
@@ -101,7 +116,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
         attn_implementation=cfg.attn_implementation,
         **extra,
     )
-    log.info("loaded %s (%s, %s) on %s", cfg.name_or_path, cfg.quant.value, dtype, device)
+    chosen = " (model.dtype=auto: what this device computes natively)" if cfg.dtype is DType.auto else ""
+    log.info("loaded %s (%s, %s%s) on %s", cfg.name_or_path, cfg.quant.value, dtype, chosen, device)
     return model.eval()
 
 
@@ -119,7 +135,30 @@ def add_lora(model, cfg: LoraConfig):
         bias=cfg.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    try:
+        with _quiet_peft_deprecation():
+            return get_peft_model(model, peft_config)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        if "not found" not in str(err):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)})
+        raise ModelError(
+            f"lora.target_modules={list(cfg.target_modules)}: no module of this model matches; its linear "
+            f"layers are {', '.join(linear)} (or use [all-linear])"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_peft_deprecation() -> Iterator[None]:
+    """PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning on
+    every run that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
 
 
 def load_adapter(model, adapter_dir: str, *, trainable: bool = False):
@@ -127,10 +166,10 @@ def load_adapter(model, adapter_dir: str, *, trainable: bool = False):
     from peft import PeftModel
 
     path = Path(adapter_dir).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"adapter={adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    check_adapter_folder(path, "adapter")
     try:
-        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        with _quiet_peft_deprecation():
+            return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     except RuntimeError as err:  # shape mismatches: the adapter belongs to another base model
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
@@ -174,6 +213,13 @@ def _from_pretrained(auto_class, source: str, cfg: ModelConfig, **kwargs):
         return auto_class.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
+    except ValueError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "attn_implementation" in str(err) or "attention" in first.lower():
+            raise ModelError(f"model.attn_implementation={cfg.attn_implementation}: {first[:300]}") from None
+        if Path(source).is_dir():
+            raise ModelError(f"{source}: cannot load {auto_class.__name__} ({first[:300]})") from None
+        raise
     except OSError as err:
         if Path(source).is_dir():
             raise ModelError(f"{source}: cannot load {auto_class.__name__} ({str(err).splitlines()[0]})") from None

@@ -175,5 +175,19 @@ def _overrides(job: Path) -> list[str]:
     return list(OmegaConf.load(path)) if path.is_file() else []
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m adl_llm.report <sweep dir>`: rebuild and print a sweep's summary."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.exit("usage: python -m adl_llm.report <sweep folder>")
+    folder = Path(args[0])
+    table = write_summary(folder) if folder.is_dir() else ""
+    if not table:
+        reason = "no job folders (0/, 1/, ...) in it" if folder.is_dir() else "no such folder"
+        print(f"adl-llm: error: {folder}: {reason}; give a multirun's sweep folder", file=sys.stderr)
+        sys.exit(2)
+    print(table, end="")
+
+
 if __name__ == "__main__":
-    print(write_summary(Path(sys.argv[1])), end="")
+    main()

@@ -13,10 +13,10 @@ How a run fails, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from adl_llm.artifacts import write_text
 from adl_llm.config import CONF_DIR, run_stamp, to_typed
 from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun, shutdown
-from adl_llm.errors import one_line_error
+from adl_llm.errors import failure_report, one_line_error
 from adl_llm.report import failed_jobs, job_rows, write_summary
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,23 @@ def _run(raw: DictConfig) -> float | None:
 
         with attention_kernels(cfg.model.cudnn_attention):
             return run_task(cfg)
+    except KeyboardInterrupt:
+        _exit_interrupted(Path(HydraConfig.get().runtime.output_dir))
     except Exception as exc:
         if not (HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN):
+            with contextlib.suppress(OSError):  # the folder Hydra made for a run that did nothing: only if empty
+                Path(HydraConfig.get().runtime.output_dir).rmdir()
             _exit_if_users_mistake(exc)  # here, before Hydra reports the job as failed with its own lines
             raise
         job_dir = Path(HydraConfig.get().runtime.output_dir)
-        message = one_line_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
-        write_text(job_dir / "error.txt", message + "\n\n" + "".join(traceback.format_exception(exc)))
+        report = failure_report(exc)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        from adl_llm.tasks import write_hydra_files
+
+        write_hydra_files(job_dir, None)  # the summary reads each job's overrides, failed or not
+        write_text(job_dir / "error.txt", report)
         (job_dir / "metrics.json").unlink(missing_ok=True)  # nothing that looks like a finished result
-        log.error("job failed, the sweep goes on: %s (traceback in %s)", message, job_dir / "error.txt")
+        log.error("job failed, the sweep goes on: %s (traceback in %s)", report.splitlines()[0], job_dir / "error.txt")
         return None
 
 
@@ -77,7 +85,19 @@ def _exit_if_users_mistake(exc: Exception) -> None:
     message = one_line_error(exc)
     if message is not None and os.environ.get(TRACEBACKS) != "1":
         print(f"adl-llm: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_status", 2))
+
+
+def _exit_interrupted(folder: Path) -> None:
+    """Ctrl-C: say how to continue, exit 130 as a shell does."""
+    checkpoints = sorted((folder / "checkpoints").glob("step-*"))
+    hint = (
+        f"; rerun the same command with hydra.run.dir={folder} to continue from {checkpoints[-1].name}"
+        if checkpoints
+        else ""
+    )
+    print(f"\nadl-llm: interrupted{hint}", file=sys.stderr)
+    sys.exit(130)
 
 
 def main() -> None:

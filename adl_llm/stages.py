@@ -18,10 +18,7 @@ def init_adapter_dir(cfg: Config) -> Path | None:
     if cfg.train.init_from is None:
         return None
     if cfg.train.init_from != "previous":
-        path = Path(cfg.train.init_from)
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"train.init_from={cfg.train.init_from}: not a PEFT adapter folder")
-        return path
+        return Path(cfg.train.init_from)  # tasks check the folder before any model loads
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -1,27 +1,35 @@
-"""One plain function per task: read the data, load the model, do the work, write the run folder.
+"""One plain function per task: check everything that can be checked, then write the run folder and do the work.
 
+Each task first reads and checks its inputs (config, data, adapter folders, the checkpoint it would resume, the
+tokenized examples) without writing anything and before any model loads; only then does the run folder get its
+`.hydra/` and `run.json`. So a mistake costs seconds, and a refused run leaves an earlier run's files untouched.
 Each returns its metrics; `OBJECTIVES` names the one a sweeper optimises, the same for every run of a task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from adl_llm.artifacts import provenance, write_json
-from adl_llm.config import Config, TaskName
+from adl_llm.artifacts import check_writable, claimed, provenance, remove_stale_temporaries, write_json, write_text
+from adl_llm.checkpoint import check_resumable
+from adl_llm.config import Config, ResumeMode, TaskName, as_plain
 from adl_llm.data import Record, few_shot_examples, load_records
+from adl_llm.devices import default_device
 from adl_llm.distributed import barrier, is_main, world_size
 from adl_llm.encode import encode_examples
-from adl_llm.evaluate import evaluate_records
-from adl_llm.generate import generate_records
+from adl_llm.errors import RunFailed, failure_report
+from adl_llm.evaluate import encode_for_eval, evaluate_examples
+from adl_llm.folders import check_adapter_folder
+from adl_llm.generate import encode_for_generation, generate_records
 from adl_llm.memory import out_of_memory_advice, peak_memory, reset_peak_memory
 from adl_llm.modeling import (
     add_lora,
-    default_device,
     load_adapter,
     load_model,
     load_tokenizer,
@@ -57,87 +65,127 @@ def run_task(cfg: Config) -> float | None:
 
 def run_eval(cfg: Config) -> dict:
     """The course perplexity of the model (and adapter) on `data.eval_file`; writes metrics.json."""
-    started, out = time.perf_counter(), _start(cfg)
-    records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-    shots = _shots(cfg)
-    model, tokenizer = _load(cfg, out, adapter=cfg.adapter)
-    metrics = evaluate_records(cfg, model, tokenizer, records, shots)
-    return _finish(out, model, metrics, started)
+    started = time.perf_counter()
+    with _run_folder(cfg) as run:
+        out = run.path
+        records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
+        shots = _shots(cfg)
+        if cfg.adapter:
+            check_adapter_folder(cfg.adapter, "adapter")
+        tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
+        examples = encode_for_eval(cfg, tokenizer, records, shots)
+        _record_run(cfg, run, tokenizer)
+        model = _model(cfg, adapter=cfg.adapter)
+        return _finish(out, model, evaluate_examples(cfg, model, tokenizer, records, examples), started)
 
 
 def run_generate(cfg: Config) -> dict:
     """Decode `data.eval_file` with the gen group's setting; writes predictions.json and metrics.json."""
-    started, out = time.perf_counter(), _start(cfg)
-    records = load_records(cfg.data.eval_file, need_outputs=False, limit=cfg.data.n_eval)
-    shots = _shots(cfg)
-    model, tokenizer = _load(cfg, out, adapter=cfg.adapter)
-    metrics = generate_records(cfg, model, tokenizer, records, shots, out)
-    return _finish(out, model, metrics, started)
+    started = time.perf_counter()
+    with _run_folder(cfg) as run:
+        out = run.path
+        records = load_records(cfg.data.eval_file, need_outputs=False, limit=cfg.data.n_eval)
+        shots = _shots(cfg)
+        if cfg.adapter:
+            check_adapter_folder(cfg.adapter, "adapter")
+        tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
+        prepared = encode_for_generation(cfg, tokenizer, records, shots)
+        _record_run(cfg, run, tokenizer)
+        model = _model(cfg, adapter=cfg.adapter)
+        return _finish(out, model, generate_records(cfg, model, tokenizer, records, prepared, out), started)
 
 
 def run_train(cfg: Config) -> dict:
     """QLoRA training on the first `data.n_train` records, then the course perplexity; writes adapter/."""
-    started, out = time.perf_counter(), _start(cfg)
-    eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-    shots = _shots(cfg)
-    model, tokenizer, metrics = _train(cfg, out, shots)
-    metrics.update(evaluate_records(cfg, model, tokenizer, eval_records, shots))
-    return _finish(out, model, metrics, started)
+    return _train_then(cfg, generate=False)
 
 
 def run_pipeline(cfg: Config) -> dict:
     """The seed report's workflow in one job: train, evaluate the course perplexity, then generate."""
-    started, out = time.perf_counter(), _start(cfg)
-    eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-    shots = _shots(cfg)
-    model, tokenizer, metrics = _train(cfg, out, shots)
-    metrics.update(evaluate_records(cfg, model, tokenizer, eval_records, shots))
-    metrics.update(generate_records(cfg, model, tokenizer, eval_records, shots, out))
-    return _finish(out, model, metrics, started)
+    return _train_then(cfg, generate=True)
 
 
-def _train(cfg: Config, out: Path, shots: list[Record]):
-    """Train an adapter from `train.init_from` or from scratch, save it to out/adapter; the model, tokenizer and
-    `train/` metrics."""
+def _train_then(cfg: Config, *, generate: bool) -> dict:
+    """Train an adapter (from train.init_from or from scratch), save it, score the eval file, and decode it."""
     from transformers import set_seed
 
-    from adl_llm.train import train
+    from adl_llm.train import fingerprint, train
 
-    train_records = load_records(cfg.data.train_file, need_outputs=True, limit=cfg.data.n_train)
-    check_optim_and_schedule(cfg.optim, cfg.schedule)  # before the model loads
-    init_dir = init_adapter_dir(cfg)
-    before = lineage(init_dir)
-    set_seed(cfg.seed)
-    model, tokenizer = _load(cfg, out, adapter=init_dir, trainable=True)
-    if init_dir:
-        log.info("stage starts from %s (%s epochs before)", init_dir, before.get("cumulative_epochs", "?"))
-    else:
-        model = add_lora(model, cfg.lora)
-    prompts = build_prompts([r.instruction for r in train_records], cfg.prompt, shots)
-    examples = encode_examples(tokenizer, prompts, [r.output for r in train_records], cfg.train.max_length)
+    started = time.perf_counter()
+    with _run_folder(cfg) as run:
+        out = run.path
+        eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
+        train_records = load_records(cfg.data.train_file, need_outputs=True, limit=cfg.data.n_train)
+        shots = _shots(cfg)
+        check_optim_and_schedule(cfg.optim, cfg.schedule)
+        init_dir = init_adapter_dir(cfg)
+        if init_dir:
+            check_adapter_folder(init_dir, "train.init_from")
+        if cfg.train.resume is ResumeMode.auto:
+            check_resumable(out / "checkpoints", fingerprint(cfg))
+        tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
+        examples = _training_examples(cfg, tokenizer, train_records, shots)
+        eval_examples = encode_for_eval(cfg, tokenizer, eval_records, shots)
+        prepared = encode_for_generation(cfg, tokenizer, eval_records, shots) if generate else None
+        _record_run(cfg, run, tokenizer)
 
-    advice = "train.memory_budget_gb or train.micro_batch_tokens (or set train.micro_batch_size), or set "
-    with out_of_memory_advice("training", advice + "train.gradient_checkpointing=true"):
-        state = train(model, examples, cfg, out, tokenizer.pad_token_id)
-    epochs = state.global_step / math.ceil(len(examples) / cfg.train.batch_size)
-    record = stage_record(cfg, before, out, epochs)
-    if is_main():
-        save_adapter(model, out / "adapter", record)
-    barrier()
-    metrics = {
-        "train/loss": sum(state.losses) / len(state.losses),
-        "train/losses": state.losses,
-        "train/steps": state.global_step,
-        "train/epochs": epochs,
-        "train/cumulative_epochs": record["cumulative_epochs"],
-        "train/n_examples": len(examples),
-        "train/n_truncated": sum(ex.truncated for ex in examples),
-        "train/tokens": state.tokens,
-        "train/seconds": state.seconds,
-        "train/seconds_per_epoch": state.seconds / epochs,
-        "train/tokens_per_s": state.tokens_per_s,
-    }
-    return model, tokenizer, metrics
+        before = lineage(init_dir)
+        set_seed(cfg.seed)
+        model = _model(cfg, adapter=init_dir, trainable=True)
+        if init_dir:
+            log.info("stage starts from %s (%s epochs before)", init_dir, before.get("cumulative_epochs", "?"))
+        else:
+            model = add_lora(model, cfg.lora)
+        advice = "train.memory_budget_gb or train.micro_batch_tokens (or set train.micro_batch_size), or set "
+        with out_of_memory_advice("training", advice + "train.gradient_checkpointing=true"):
+            state = train(model, examples, cfg, out, tokenizer.pad_token_id)
+        epochs = state.global_step / math.ceil(len(examples) / cfg.train.batch_size)
+        record = stage_record(cfg, before, out, epochs)
+        if is_main():
+            save_adapter(model, out / "adapter", record)
+        barrier()
+        metrics = {
+            "train/loss": sum(state.losses) / len(state.losses),
+            "train/losses": state.losses,
+            "train/steps": state.global_step,
+            "train/epochs": epochs,
+            "train/cumulative_epochs": record["cumulative_epochs"],
+            "train/n_examples": len(examples),
+            "train/n_truncated": sum(ex.truncated for ex in examples),
+            "train/tokens": state.tokens,
+            "train/seconds": state.seconds,
+            "train/seconds_per_epoch": state.seconds / epochs,
+            "train/tokens_per_s": state.tokens_per_s,
+        }
+        metrics.update(evaluate_examples(cfg, model, tokenizer, eval_records, eval_examples))
+        if generate:  # what training and scoring gave stays on disk if decoding fails
+            write_json(out / "metrics.partial.json", metrics)
+            metrics.update(generate_records(cfg, model, tokenizer, eval_records, prepared, out))
+        (out / "metrics.partial.json").unlink(missing_ok=True)
+        return _finish(out, model, metrics, started)
+
+
+def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: list[Record]):
+    """The encoded training examples; refused when train.max_length leaves none with an answer token."""
+    prompts = build_prompts([r.instruction for r in records], cfg.prompt, shots)
+    examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.train.max_length)
+    empty = sum(not ex.n_scored for ex in examples)
+    if empty == len(examples):
+        raise RunFailed(
+            f"train.max_length={cfg.train.max_length} leaves no answer token in any of the {len(examples)} training "
+            "examples: nothing to learn from; raise train.max_length"
+        )
+    cut = sum(ex.truncated for ex in examples)
+    if cut:
+        log.warning(
+            "%d of %d training examples are longer than train.max_length=%d and were cut (%d with no answer token "
+            "left, which teach nothing)",
+            cut,
+            len(examples),
+            cfg.train.max_length,
+            empty,
+        )
+    return examples
 
 
 def _shots(cfg: Config) -> list[Record]:
@@ -146,24 +194,76 @@ def _shots(cfg: Config) -> list[Record]:
     return few_shot_examples(load_records(cfg.data.train_file, need_outputs=True), cfg.prompt.n_shots)
 
 
-def _load(cfg: Config, out: Path, *, adapter: str | Path | None, trainable: bool = False):
-    """The tokenizer (recorded in run.json), then the model with `adapter` on it."""
-    source = model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, source)
-    if is_main():
-        record = {"provenance": provenance(), "tokenizer": tokenizer_fingerprint(tokenizer)}
-        write_json(out / "run.json", {**record, "config": dataclasses.asdict(cfg)})
-    model = load_model(cfg.model, source=source)
-    if adapter:
-        model = load_adapter(model, str(adapter), trainable=trainable)
-    return model, tokenizer
+def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False):
+    model = load_model(cfg.model)
+    return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
 
 
-def _start(cfg: Config) -> Path:
+@dataclasses.dataclass
+class RunFolder:
+    path: Path
+    recorded: bool = False  # the run passed its checks and run.json describes it
+
+
+@contextlib.contextmanager
+def _run_folder(cfg: Config) -> Iterator[RunFolder]:
+    """The run folder, held by this process for the run (the main process, under torchrun), cleaned of what killed
+    writers left; nothing is written to it here.
+
+    If the run fails after its checks passed (run.json written), the folder gets error.txt with the reason; if it
+    fails before, a folder that holds nothing (Hydra made it for this run) is removed and any other left as it was.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     reset_peak_memory(default_device())  # a multirun's jobs share one process: each job's peak is its own
-    return out
+    with claimed(out) if is_main() else contextlib.nullcontext():
+        if is_main():
+            for folder in (out, out / "checkpoints"):
+                for path in remove_stale_temporaries(folder):
+                    log.warning("removed %s, left by a run that was killed while writing it", path)
+        run = RunFolder(out)
+        try:
+            yield run
+        except BaseException as exc:
+            if is_main() and run.recorded:
+                write_text(out / "error.txt", failure_report(exc))
+            elif is_main():
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if empty
+            raise
+
+
+def _record_run(cfg: Config, run: RunFolder, tokenizer) -> None:
+    """The checks passed: write what describes the run (Hydra's .hydra/ files, run.json) and say where it is."""
+    run.recorded = True
+    out = run.path
+    if not is_main():
+        return
+    write_hydra_files(out, as_plain(cfg))
+    record = {"provenance": provenance(), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    write_json(out / "run.json", {**record, "config": as_plain(cfg)})
+    (out / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now being retried
+    log.info("run folder: %s", out)
+
+
+def write_hydra_files(out: Path, config: dict | None) -> None:
+    """Hydra's record of the run (conf/config.yaml sets hydra.output_subdir to null, so that a refused run never
+    overwrites an earlier run's): the config (when it could be read), Hydra's own and the overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    files = {
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    if config is not None:
+        files["config.yaml"] = OmegaConf.to_yaml(config)
+    for name, text in files.items():
+        write_text(out / ".hydra" / name, text)
 
 
 def _finish(out: Path, model, metrics: dict, started: float) -> dict:

@@ -21,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from adl_llm.batching import epoch_batches
-from adl_llm.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
+from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.config import Config, ResumeMode
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
 from adl_llm.encode import Encoded
+from adl_llm.errors import RunFailed
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
 from adl_llm.micro_batches import plan_micro_batches, split_step
@@ -45,7 +46,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     tc = cfg.train
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
-    total = tc.max_steps or math.ceil(len(examples) / tc.batch_size) * tc.epochs
+    total = planned_steps(len(examples), cfg)
     optimizer = make_optimizer(cfg.optim, trainable)
     scheduler = make_scheduler(cfg.schedule, optimizer, total)
     checkpoints = run_dir / "checkpoints"
@@ -79,12 +80,13 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 nll, tokens = accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
                 sum_gradients(trainable)
                 totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device))
-                if tc.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+                loss = float(totals[0]) / max(1, n_scored)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or math.inf)
+                _refuse_non_finite(loss, norm, state.global_step + 1, cfg)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                state.record_step(float(totals[0]) / max(1, n_scored), int(totals[1]), time.perf_counter() - started)
+                state.record_step(loss, int(totals[1]), time.perf_counter() - started)
 
                 _report_step(state, writer, bar, scheduler.get_last_lr()[0])
                 if state.global_step == total or (tc.save_every and state.global_step % tc.save_every == 0):
@@ -99,6 +101,23 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         if writer:
             writer.close()
     return state
+
+
+def planned_steps(n_examples: int, cfg: Config) -> int:
+    """Optimiser steps of the stage: train.epochs over the examples, capped by train.max_steps."""
+    steps = math.ceil(n_examples / cfg.train.batch_size) * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def _refuse_non_finite(loss: float, grad_norm: torch.Tensor, step: int, cfg: Config) -> None:
+    """Stop before a non-finite loss or gradient reaches the adapter: nothing after it could be trusted."""
+    if math.isfinite(loss) and bool(torch.isfinite(grad_norm)):
+        return
+    what = "the loss" if not math.isfinite(loss) else "the gradient norm"
+    raise RunFailed(
+        f"{what} became {loss if what == 'the loss' else float(grad_norm)} at step {step}; nothing was saved from "
+        f"this step on (optim.lr={cfg.optim.lr:g}: lower it, or check the data and train.max_grad_norm)"
+    )
 
 
 def fingerprint(cfg: Config) -> str:
@@ -124,12 +143,15 @@ def _resume(model, cfg: Config, checkpoints: Path, optimizer, scheduler, device,
     fresh one."""
     from peft import set_peft_model_state_dict
 
-    state = TrainState(fingerprint=fingerprint(cfg))
-    found = complete_checkpoints(checkpoints) if cfg.train.resume is ResumeMode.auto else []
-    if found:
-        state, adapter = load_checkpoint(found[-1], optimizer, scheduler, device, state.fingerprint)
-        set_peft_model_state_dict(model, adapter)
-        log.info("resuming from %s: step %d of %d", found[-1], state.global_step, total)
+    fresh = TrainState(fingerprint=fingerprint(cfg))
+    if cfg.train.resume is not ResumeMode.auto:
+        return fresh
+    found = load_latest_checkpoint(checkpoints, optimizer, scheduler, device, fresh.fingerprint)
+    if found is None:
+        return fresh
+    state, adapter = found
+    set_peft_model_state_dict(model, adapter)
+    log.info("resuming from %s: step %d of %d", checkpoints, state.global_step, total)
     return state
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adl_llm.config import ModelConfig, Quant
+from adl_llm.config import DType, ModelConfig, Quant
 from adl_llm.data import load_records
 from adl_llm.encode import encode_examples
 from adl_llm.loss import accumulate_gradients
@@ -23,7 +23,9 @@ def _nf4_model_and_examples(tiny_model_dir):
     records = load_records(str(TRAIN_FILE), need_outputs=True, limit=6)
     prompts = build_prompts([r.instruction for r in records], compose_config().prompt)
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], 2048)
-    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4), torch.device("cpu"))
+    # bf16 compute, as on a GPU, whatever this CPU computes natively: the copy sizes below are in bf16
+    nf4 = ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.bfloat16)
+    model = load_model(nf4, torch.device("cpu"))
     torch.manual_seed(0)
     model = add_lora(model, compose_config("lora.lora_dropout=0.0").lora)
     for name, param in model.named_parameters():

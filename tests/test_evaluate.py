@@ -101,3 +101,31 @@ def test_saved_adapter_reproduces_the_in_memory_one(tiny_model_dir, setup, tmp_p
     )
     assert in_memory == pytest.approx(reloaded, rel=1e-6)
     assert in_memory != pytest.approx(base, rel=1e-3)  # the adapter really changes the model
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_a_shared_prompt_prefix_is_run_once_and_changes_no_value(setup, tiny_model_dir, monkeypatch, window):
+    """3-shot prompts share their system text and examples: computed once, the values equal full passes'. A model
+    whose sliding window is shorter than an example gets full passes for those examples."""
+    from adl_llm import evaluate
+
+    model, tokenizer, _, answers = setup
+    records = load_records(str(TRAIN_FILE), need_outputs=True)
+    shots = records[-3:]
+    prompts = build_prompts([r.instruction for r in records[:23]], compose_config("prompt=few_shot").prompt, shots)
+    examples = encode_examples(tokenizer, prompts, answers, 2048)
+    monkeypatch.setattr(model.config, "sliding_window", window, raising=False)
+    used = []
+    real = evaluate.answer_nll
+    monkeypatch.setattr(evaluate, "answer_nll", lambda m, b, prefix=None: used.append(prefix) or real(m, b, prefix))
+    kwargs = dict(batch_size=5, pad_id=tokenizer.pad_token_id, progress=False)
+    shared = perplexities(model, examples, **kwargs)
+    prefixes = [p for p in used if p is not None]
+    if window is None:
+        assert len(prefixes) == len(used) and prefixes[0].length > 200  # system text and three worked examples
+    else:
+        assert not prefixes  # every example is longer than the window
+    whole = perplexities(model, examples, share_prefix=False, **kwargs)
+    assert shared == pytest.approx(whole, rel=1e-5)
+    expected = [reference_ppl(model, tokenizer, p, a) for p, a in zip(prompts[:4], answers[:4])]
+    assert shared[:4] == pytest.approx(expected, rel=1e-5)

@@ -74,7 +74,7 @@ def test_out_of_memory_names_the_setting_to_lower(tiny_model_dir, tmp_path, monk
 
 
 def test_long_records_are_cut_counted_and_kept(tiny_model_dir, tmp_path):
-    cfg = compose_config(*tiny_overrides(tiny_model_dir, "eval.max_length=60"), output_dir=tmp_path)
+    cfg = compose_config(*tiny_overrides(tiny_model_dir, "eval.max_length=100"), output_dir=tmp_path)
     run_eval(cfg)
     metrics = read_json(tmp_path / "metrics.json")
     assert metrics["eval/n_truncated"] > 0 and len(metrics["eval/perplexities"]) == len(metrics["eval/ids"]) == 12

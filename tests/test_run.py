@@ -67,3 +67,11 @@ def test_embedded_model_from_its_packages_to_a_perplexity(embedded_cache, tmp_pa
     # A working 270M model scores these sentences far below its 262,144-token vocabulary.
     assert all(math.isfinite(v) and 1 < v < 2000 for v in metrics["eval/perplexities"])
     assert read_json(run_dir / "run.json")["tokenizer"]["vocab_size"] == 262144
+
+
+def test_a_run_that_fails_before_doing_anything_leaves_no_folder(tmp_path):
+    for override in ("gen.beams=0", f"data.eval_file={tmp_path}/missing.json"):
+        run_dir = tmp_path / "run"
+        result = run_entrypoint("task=eval", override, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 2 and result.stderr.startswith("adl-llm: error: ")
+        assert not run_dir.exists(), override

@@ -218,7 +218,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
 def test_partial_checkpoint_is_ignored_and_other_settings_are_refused(tiny_model_dir, tokenizer, tmp_path):
     """A kill during a save leaves a temporary folder: resume takes the last complete checkpoint instead."""
     examples = _examples(tokenizer, 8)
-    settings = ("train.max_steps=3", "train.grad_accum=2", "train.save_every=1", "train.keep_checkpoints=5")
+    settings = ("train.epochs=3", "train.grad_accum=2", "train.save_every=1", "train.keep_checkpoints=5")
     straight = _train(_model(tiny_model_dir), examples, tmp_path / "straight", *settings)
 
     run_dir = tmp_path / "interrupted"
