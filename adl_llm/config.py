@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adl_llm.conf_files import CONF_DIR, PROJECT_ROOT, defaults_from, require, require_at_least, run_stamp
 from adl_llm.errors import ConfigError, unknown_key
+from adl_llm.eval_config import EvalConfig, GenConfig, LongPrompts
 from adl_llm.train_config import OptimConfig, ResumeMode, ScheduleConfig, ScheduleName, TrainConfig
 
 # Re-exported: the whole schema can be imported from here.
@@ -63,11 +65,6 @@ class DType(enum.Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class LongPrompts(enum.Enum):
-    cut_left = "cut_left"  # keep the prompt's end, where the question is, as far as gen.max_prompt_tokens allows
-    refuse = "refuse"  # stop the run, naming the record
 
 
 class TaskName(enum.Enum):
@@ -111,31 +108,6 @@ class LoraConfig:
 
 
 @dataclass
-@defaults_from("gen/report")
-class GenConfig:
-    beams: int
-    do_sample: bool
-    top_p: float
-    top_k: int
-    temperature: float
-    max_new_tokens: int
-    stop_strings: list[str]
-    batch_size: int | None
-    memory_budget_gb: float
-    max_prompt_tokens: int | None
-    long_prompts: LongPrompts
-
-    def __post_init__(self) -> None:
-        require_at_least("gen", self, 1, "beams", "max_new_tokens")
-        require_at_least("gen", self, 1, "batch_size", null=True)
-        require_at_least("gen", self, 2, "max_prompt_tokens", null=True)
-        require_at_least("gen", self, 0, "top_k")  # 0 disables it
-        require_at_least("gen", self, 0, "temperature", "memory_budget_gb", strict=True)
-        require(0.0 < self.top_p <= 1.0, "gen.top_p", f"must be in (0, 1], got {self.top_p}")
-        require(all(self.stop_strings), "gen.stop_strings", "must not contain an empty string")
-
-
-@dataclass
 @defaults_from("data/classical_zh")
 class DataConfig:
     name: str
@@ -143,9 +115,19 @@ class DataConfig:
     eval_file: str
     n_train: int | None
     n_eval: int | None
+    slices: dict[str, str] | None
 
     def __post_init__(self) -> None:
         require_at_least("data", self, 0, "n_train", "n_eval", strict=True, null=True)
+        for name, pattern in (self.slices or {}).items():
+            require(name != OTHER_SLICE, f"data.slices.{name}", "is the name of the slice of unmatched records")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"data.slices.{name}", f"is not a regular expression ({err})") from None
+
+
+OTHER_SLICE = "other"  # the records that no rule of data.slices matches
 
 
 @dataclass
@@ -193,20 +175,6 @@ def _placeholders(template: str, key: str, allowed: set[str]) -> None:
 @defaults_from("task/pipeline")
 class TaskConfig:
     name: TaskName
-
-
-@dataclass
-@defaults_from("eval/default")
-class EvalConfig:
-    batch_size: int
-    max_length: int
-    pad_to_multiple: int | None
-    share_prefix: bool
-
-    def __post_init__(self) -> None:
-        require_at_least("eval", self, 1, "batch_size")
-        require_at_least("eval", self, 2, "max_length")
-        require_at_least("eval", self, 1, "pad_to_multiple", null=True)
 
 
 @dataclass

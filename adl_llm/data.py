@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adl_llm.config import OTHER_SLICE
 from adl_llm.errors import DataError
 
 FIELDS = ("id", "instruction", "output")
@@ -43,6 +45,21 @@ def load_records(source: str, *, need_outputs: bool, limit: int | None = None) -
         first_seen[record.id] = index
         records.append(record)
     return records if limit is None else records[:limit]
+
+
+def slice_names(records: list[Record], rules: dict[str, str]) -> list[str]:
+    """Each record's slice: the first rule (a regular expression searched in the instruction) that matches, else
+    `other`."""
+    compiled = [(name, re.compile(pattern)) for name, pattern in rules.items()]
+    return [next((name for name, rule in compiled if rule.search(r.instruction)), OTHER_SLICE) for r in records]
+
+
+def by_slice(values: list, slices: list[str]) -> dict[str, list]:
+    """`values` grouped by their records' slices, in the order the slices first appear."""
+    groups: dict[str, list] = {}
+    for value, name in zip(values, slices, strict=True):
+        groups.setdefault(name, []).append(value)
+    return groups
 
 
 def few_shot_examples(train: list[Record], n_shots: int) -> list[Record]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -21,13 +20,14 @@ from tqdm.auto import tqdm
 
 from adl_llm.batching import CPU_BATCH_TOKENS, collate, pad_multiple
 from adl_llm.config import Config
-from adl_llm.data import Record
+from adl_llm.data import Record, by_slice, slice_names
 from adl_llm.distributed import is_main, map_in_order
 from adl_llm.encode import Encoded, encode_examples
 from adl_llm.errors import RunFailed
 from adl_llm.loss import SharedPrefix, answer_nll, shared_prefix
 from adl_llm.memory import out_of_memory_advice
 from adl_llm.prompts import build_prompts
+from adl_llm.scores import perplexity_summary
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,22 @@ def evaluate_examples(cfg: Config, model, tokenizer, records: list[Record], exam
     unscored = [r.id for r, v in zip(records, values) if math.isnan(v)]
     if unscored:
         log.warning("%d examples have no answer token left after truncation; left out of the mean", len(unscored))
-    finite = [v for v in values if not math.isnan(v)]
-    mean = sum(finite) / len(finite) if finite else math.nan
-    log.info("mean perplexity %.4f over %d examples (%s, %.1f s)", mean, len(finite), cfg.prompt.name, seconds)
+    summary = perplexity_summary(values)
+    log.info(
+        "mean perplexity %.4f over %d examples (%s, %.1f s)",
+        summary["eval/perplexity"],
+        len(values) - len(unscored),
+        cfg.prompt.name,
+        seconds,
+    )
+    per_slice = {}
+    if cfg.data.slices:
+        for name, group in by_slice(values, slice_names(records, cfg.data.slices)).items():
+            per_slice |= {f"{key}/{name}": value for key, value in perplexity_summary(group).items()}
+            per_slice[f"eval/n_examples/{name}"] = len(group)
     return {
-        "eval/perplexity": mean,
-        "eval/perplexity_median": statistics.median(finite) if finite else math.nan,
+        **summary,
+        **per_slice,
         "eval/perplexities": [None if math.isnan(v) else v for v in values],
         "eval/ids": [r.id for r in records],
         "eval/n_examples": len(records),

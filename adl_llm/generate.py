@@ -22,11 +22,12 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from adl_llm.artifacts import write_json
 from adl_llm.config import Config, GenConfig, LongPrompts
-from adl_llm.data import Record
+from adl_llm.data import Record, by_slice, slice_names
 from adl_llm.distributed import is_main, map_in_order
 from adl_llm.errors import UserError
 from adl_llm.memory import GIB, out_of_memory_advice
 from adl_llm.prompts import build_prompts
+from adl_llm.scores import translation_scores
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,14 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
     references = [r.output for r in records]
     if all(ref is not None for ref in references):
         metrics.update(translation_scores(texts, references))
+        if cfg.data.slices:
+            pairs = by_slice(list(zip(texts, references)), slice_names(records, cfg.data.slices))
+            for name, group in pairs.items():
+                hypotheses, refs = (list(side) for side in zip(*group))
+                metrics |= {f"{key}/{name}": value for key, value in translation_scores(hypotheses, refs).items()}
+                metrics[f"gen/n_examples/{name}"] = len(group)
     log.info("generated %d answers in %.1f s (%.2f examples/s)", len(records), seconds, len(records) / seconds)
     return metrics
-
-
-def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """chrF and BLEU (sacrebleu, BLEU with its Chinese tokenizer) of the predictions against the references."""
-    import sacrebleu
-
-    return {
-        "gen/chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-        "gen/bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score,
-    }
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -44,7 +44,11 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     overrides = {job: _overrides(job) for job in jobs}
     shared = set.intersection(*(set(o) for o in overrides.values())) if jobs else set()
     metrics = {job: read_json(job / "metrics.json") if (job / "metrics.json").is_file() else {} for job in jobs}
-    columns = [(c, key, fmt) for c, key, fmt in COLUMNS if any(key in m for m in metrics.values())]
+    columns = [
+        (c, key, fmt)
+        for c, key, fmt in _with_slices(COLUMNS, metrics.values())
+        if any(key in m for m in metrics.values())
+    ]
     rows = []
     for job in jobs:
         row = {
@@ -57,6 +61,18 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             row[column] = fmt.format(value) if value is not None else ""
         rows.append(row)
     return rows
+
+
+def _with_slices(columns: list[tuple[str, str, str]], metrics) -> list[tuple[str, str, str]]:
+    """The columns, each per-slice one (`ppl[classical_to_modern]`, from `eval/perplexity/classical_to_modern`) after
+    its overall column."""
+    keys = {key for m in metrics for key in m}
+    out = []
+    for column, key, fmt in columns:
+        out.append((column, key, fmt))
+        if column in ("ppl", "chrf"):
+            out += [(f"{column}[{k.rsplit('/', 1)[1]}]", k, fmt) for k in sorted(keys) if k.startswith(f"{key}/")]
+    return out
 
 
 def failed_jobs(rows: list[dict[str, Any]]) -> list[str]:
@@ -186,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         reason = "no job folders (0/, 1/, ...) in it" if folder.is_dir() else "no such folder"
         print(f"adl-llm: error: {folder}: {reason}; give a multirun's sweep folder", file=sys.stderr)
         sys.exit(2)
+    from adl_llm.html_report import write_html_report
+
     print(table, end="")
+    print(write_html_report(folder, [folder], f"adl-llm sweep {folder.name}"))
 
 
 if __name__ == "__main__":

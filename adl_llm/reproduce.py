@@ -2,10 +2,12 @@
 
     python -m adl_llm.reproduce [overrides...]      (make reproduce ARGS="...")
 
-Four sweeps, each an ordinary multirun of the entrypoint in a subprocess, under outputs/reproduce/<time>/:
+Five sweeps, each an ordinary multirun of the entrypoint in a subprocess, under outputs/reproduce/<time>/:
 chain (1+1+3 stages), curve (1+1+1+1+1), compare (zero-shot and 3-shot, without and with the chain's final
-adapter) and beams (beams 1, 3 and 5 with the chain's adapter, the report's sampling otherwise). The overrides
-given are passed to every sweep, so `model=taiwan_llama_7b` runs the study on the report's model.
+adapter), beams (beams 1, 3 and 5 with the chain's adapter, the report's sampling otherwise) and outputs (greedy
+answers of the compare's four settings, for the page's side-by-side reading). The overrides given are passed to
+every sweep, so `model=taiwan_llama_7b` runs the study on the report's model. It ends with report.md and
+report.html (adl_llm/html_report.py: every table, plot and output on one self-contained page).
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from pathlib import Path
 
 from adl_llm.artifacts import write_text
 from adl_llm.config import PROJECT_ROOT
+from adl_llm.html_report import write_html_report
 
 STEPS = [
     ("chain", "The 1+1+3 stage chain", ["experiment=chain"]),
     ("curve", "Learning curve (1+1+1+1+1)", ["experiment=curve"]),
     ("compare", "Prompting baselines and QLoRA", ["task=eval", "prompt=zero_shot,few_shot", "adapter=null,{adapter}"]),
     ("beams", "Decoding: beams 1, 3, 5", ["task=generate", "gen.beams=1,3,5", "adapter={adapter}"]),
+    (
+        "outputs",
+        "Outputs: zero-shot and 3-shot, base and QLoRA (greedy)",
+        ["task=generate", "prompt=zero_shot,few_shot", "adapter=null,{adapter}", "gen=greedy"],
+    ),
 ]
 PLOTS = {"curve": "learning_curve.png", "beams": "generation.png"}
 
@@ -48,6 +56,8 @@ def reproduce(root: Path, overrides: list[str]) -> list[str]:
             if name == "chain":
                 print(f"adl-llm: error: the chain failed (exit {code}); the steps that need its adapter are skipped")
                 break
+    sweeps = [root / name for name, _, _ in STEPS if (root / name).is_dir()]
+    print(write_html_report(root, sweeps, "adl-llm: the seed report's study"), flush=True)
     return failed
 
 

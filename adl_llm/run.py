@@ -58,7 +58,7 @@ def _run(raw: DictConfig) -> float | None:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         report = failure_report(exc)
         job_dir.mkdir(parents=True, exist_ok=True)
-        from adl_llm.tasks import write_hydra_files
+        from adl_llm.run_folder import write_hydra_files
 
         write_hydra_files(job_dir, None)  # the summary reads each job's overrides, failed or not
         write_text(job_dir / "error.txt", report)
@@ -72,11 +72,14 @@ class SweepEnd(Callback):
     exit status 1 naming the jobs that failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from adl_llm.html_report import write_html_report
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = job_rows(sweep_dir)
         table = write_summary(sweep_dir, rows)
         if table:
-            print(f"\n{sweep_dir}/summary.md\n{table}", flush=True)
+            page = write_html_report(sweep_dir, [sweep_dir], f"adl-llm sweep {sweep_dir.name}")
+            print(f"\n{sweep_dir}/summary.md\n{table}\n{page}", flush=True)
         if failed_jobs(rows):  # SystemExit passes Hydra's callback guard, which turns exceptions into warnings
             raise SystemExit("adl-llm: error: " + "; ".join(failed_jobs(rows)))
 

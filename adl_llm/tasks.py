@@ -8,26 +8,22 @@ Each returns its metrics; `OBJECTIVES` names the one a sweeper optimises, the sa
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from adl_llm.artifacts import check_writable, claimed, provenance, remove_stale_temporaries, write_json, write_text
+from adl_llm.artifacts import write_json
 from adl_llm.checkpoint import check_resumable
-from adl_llm.config import Config, ResumeMode, TaskName, as_plain
+from adl_llm.config import Config, ResumeMode, TaskName
 from adl_llm.data import Record, few_shot_examples, load_records
-from adl_llm.devices import default_device
 from adl_llm.distributed import barrier, is_main, world_size
 from adl_llm.encode import encode_examples
-from adl_llm.errors import RunFailed, failure_report
+from adl_llm.errors import RunFailed
 from adl_llm.evaluate import encode_for_eval, evaluate_examples
 from adl_llm.folders import check_adapter_folder
 from adl_llm.generate import encode_for_generation, generate_records
-from adl_llm.memory import out_of_memory_advice, peak_memory, reset_peak_memory
+from adl_llm.memory import out_of_memory_advice, peak_memory
 from adl_llm.modeling import (
     add_lora,
     load_adapter,
@@ -35,10 +31,10 @@ from adl_llm.modeling import (
     load_tokenizer,
     model_source,
     save_adapter,
-    tokenizer_fingerprint,
 )
 from adl_llm.optim import check_optim_and_schedule
 from adl_llm.prompts import build_prompts
+from adl_llm.run_folder import record_run, run_folder
 from adl_llm.stages import init_adapter_dir, lineage, stage_record
 
 log = logging.getLogger(__name__)
@@ -66,7 +62,7 @@ def run_task(cfg: Config) -> float | None:
 def run_eval(cfg: Config) -> dict:
     """The course perplexity of the model (and adapter) on `data.eval_file`; writes metrics.json."""
     started = time.perf_counter()
-    with _run_folder(cfg) as run:
+    with run_folder(cfg) as run:
         out = run.path
         records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
         shots = _shots(cfg)
@@ -74,7 +70,7 @@ def run_eval(cfg: Config) -> dict:
             check_adapter_folder(cfg.adapter, "adapter")
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         examples = encode_for_eval(cfg, tokenizer, records, shots)
-        _record_run(cfg, run, tokenizer)
+        record_run(cfg, run, tokenizer)
         model = _model(cfg, adapter=cfg.adapter)
         return _finish(out, model, evaluate_examples(cfg, model, tokenizer, records, examples), started)
 
@@ -82,7 +78,7 @@ def run_eval(cfg: Config) -> dict:
 def run_generate(cfg: Config) -> dict:
     """Decode `data.eval_file` with the gen group's setting; writes predictions.json and metrics.json."""
     started = time.perf_counter()
-    with _run_folder(cfg) as run:
+    with run_folder(cfg) as run:
         out = run.path
         records = load_records(cfg.data.eval_file, need_outputs=False, limit=cfg.data.n_eval)
         shots = _shots(cfg)
@@ -90,7 +86,7 @@ def run_generate(cfg: Config) -> dict:
             check_adapter_folder(cfg.adapter, "adapter")
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         prepared = encode_for_generation(cfg, tokenizer, records, shots)
-        _record_run(cfg, run, tokenizer)
+        record_run(cfg, run, tokenizer)
         model = _model(cfg, adapter=cfg.adapter)
         return _finish(out, model, generate_records(cfg, model, tokenizer, records, prepared, out), started)
 
@@ -112,7 +108,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
     from adl_llm.train import fingerprint, train
 
     started = time.perf_counter()
-    with _run_folder(cfg) as run:
+    with run_folder(cfg) as run:
         out = run.path
         eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
         train_records = load_records(cfg.data.train_file, need_outputs=True, limit=cfg.data.n_train)
@@ -127,7 +123,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
         examples = _training_examples(cfg, tokenizer, train_records, shots)
         eval_examples = encode_for_eval(cfg, tokenizer, eval_records, shots)
         prepared = encode_for_generation(cfg, tokenizer, eval_records, shots) if generate else None
-        _record_run(cfg, run, tokenizer)
+        record_run(cfg, run, tokenizer)
 
         before = lineage(init_dir)
         set_seed(cfg.seed)
@@ -197,73 +193,6 @@ def _shots(cfg: Config) -> list[Record]:
 def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False):
     model = load_model(cfg.model)
     return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
-
-
-@dataclasses.dataclass
-class RunFolder:
-    path: Path
-    recorded: bool = False  # the run passed its checks and run.json describes it
-
-
-@contextlib.contextmanager
-def _run_folder(cfg: Config) -> Iterator[RunFolder]:
-    """The run folder, held by this process for the run (the main process, under torchrun), cleaned of what killed
-    writers left; nothing is written to it here.
-
-    If the run fails after its checks passed (run.json written), the folder gets error.txt with the reason; if it
-    fails before, a folder that holds nothing (Hydra made it for this run) is removed and any other left as it was.
-    """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
-    reset_peak_memory(default_device())  # a multirun's jobs share one process: each job's peak is its own
-    with claimed(out) if is_main() else contextlib.nullcontext():
-        if is_main():
-            for folder in (out, out / "checkpoints"):
-                for path in remove_stale_temporaries(folder):
-                    log.warning("removed %s, left by a run that was killed while writing it", path)
-        run = RunFolder(out)
-        try:
-            yield run
-        except BaseException as exc:
-            if is_main() and run.recorded:
-                write_text(out / "error.txt", failure_report(exc))
-            elif is_main():
-                with contextlib.suppress(OSError):
-                    out.rmdir()  # only if empty
-            raise
-
-
-def _record_run(cfg: Config, run: RunFolder, tokenizer) -> None:
-    """The checks passed: write what describes the run (Hydra's .hydra/ files, run.json) and say where it is."""
-    run.recorded = True
-    out = run.path
-    if not is_main():
-        return
-    write_hydra_files(out, as_plain(cfg))
-    record = {"provenance": provenance(), "tokenizer": tokenizer_fingerprint(tokenizer)}
-    write_json(out / "run.json", {**record, "config": as_plain(cfg)})
-    (out / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now being retried
-    log.info("run folder: %s", out)
-
-
-def write_hydra_files(out: Path, config: dict | None) -> None:
-    """Hydra's record of the run (conf/config.yaml sets hydra.output_subdir to null, so that a refused run never
-    overwrites an earlier run's): the config (when it could be read), Hydra's own and the overrides."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    files = {
-        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
-        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
-    }
-    if config is not None:
-        files["config.yaml"] = OmegaConf.to_yaml(config)
-    for name, text in files.items():
-        write_text(out / ".hydra" / name, text)
 
 
 def _finish(out: Path, model, metrics: dict, started: float) -> dict:
