@@ -33,6 +33,7 @@ __all__ = [
     "DType",
     "DataConfig",
     "EvalConfig",
+    "ExportConfig",
     "GenConfig",
     "LongPrompts",
     "LoraConfig",
@@ -75,6 +76,7 @@ class TaskName(enum.Enum):
     train = "train"
     eval = "eval"
     generate = "generate"
+    export = "export"  # the adapter merged into its base, saved as a standalone model folder
 
 
 @dataclass
@@ -210,6 +212,17 @@ class EvalConfig:
 
 
 @dataclass
+@defaults_from("export/default")
+class ExportConfig:
+    dtype: DType
+    dir: str | None
+
+    def __post_init__(self) -> None:
+        require(self.dtype is not DType.auto, "export.dtype", "must be bfloat16, float16 or float32, not auto")
+        require(self.dir is None or bool(self.dir.strip()), "export.dir", "is empty; give a folder, or null")
+
+
+@dataclass
 @defaults_from("config")
 class Config:
     model: ModelConfig
@@ -224,6 +237,7 @@ class Config:
     task: TaskConfig
     eval: EvalConfig
     train: TrainConfig
+    export: ExportConfig
     adapter: str | None
     seed: int
     output_dir: str
