@@ -78,6 +78,18 @@ def test_the_generation_config_holds_the_gen_settings(tiny_model_dir, tiny_adapt
     assert saved.stop_strings == gen.stop_strings == ["USER:", "\n"]
 
 
+def test_adl_llm_decodes_an_export_with_the_gen_group_not_the_folders_own_settings(
+    tiny_model_dir, tiny_adapter_dir, tmp_path
+):
+    _export(tiny_model_dir, tiny_adapter_dir, tmp_path / "run", "export.dtype=float32")  # stop strings in its config
+    gen = ("gen=greedy", "gen.max_new_tokens=12", "gen.stop_strings=[]", "data.n_eval=3")
+    cfg = compose_config(*tiny_overrides(tmp_path / "run" / "model", *gen), output_dir=tmp_path / "gen")
+    tasks.run_generate(cfg)  # transformers would ask for a tokenizer for the folder's stop strings
+    on_base = tiny_overrides(tiny_model_dir, f"adapter={tiny_adapter_dir}", *gen)
+    tasks.run_generate(compose_config(*on_base, output_dir=tmp_path / "a"))
+    assert read_json(tmp_path / "gen" / "predictions.json") == read_json(tmp_path / "a" / "predictions.json")
+
+
 def test_the_card_names_the_base_the_lineage_the_data_and_the_study(tiny_model_dir, tiny_adapter_dir, tmp_path):
     study = tmp_path / "train-run"  # an adapter in the run folder that trained it, as task=train leaves it
     shutil.copytree(tiny_adapter_dir, study / "adapter")
