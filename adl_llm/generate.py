@@ -196,8 +196,9 @@ def generate_from_ids(
 
 
 def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:
-    """The gen group's decoding as a complete GenerationConfig, so a model's own defaults (Gemma ships top_k=64,
-    top_p=0.95) never leak in; the sampling keys only when sampling (transformers refuses them otherwise)."""
+    """The gen group's decoding as a GenerationConfig; the sampling keys only when sampling (transformers refuses
+    them otherwise). Keys left unset here take the model's generation config, which load_model clears, so a model's
+    own defaults (Gemma ships top_k=64, top_p=0.95; an export, its stop strings) never leak in."""
     sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
     return GenerationConfig(
         num_beams=gen.beams,

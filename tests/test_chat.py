@@ -3,6 +3,7 @@ piped (one answer a line) and at a terminal (a pseudo-terminal: prompt, streamin
 
 from __future__ import annotations
 
+import codecs
 import os
 import pty
 import select
@@ -135,6 +136,7 @@ class Terminal:
             os.chdir(PROJECT_ROOT)
             os.execv(sys.executable, [sys.executable, "-m", "adl_llm.chat", *args])
         self.seen = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")()  # a read may end inside a character
         self.status: int | None = None
 
     def __enter__(self) -> Terminal:
@@ -154,7 +156,7 @@ class Terminal:
             chunk = self._read() if ready else b""
             if not chunk:
                 raise AssertionError(f"no {text!r} on the terminal, which shows:\n{self.seen[-2000:]}")
-            self.seen += chunk.decode("utf-8", errors="replace")
+            self.seen += self.decoder.decode(chunk)
         before, _, self.seen = self.seen.partition(text)
         return before
 
