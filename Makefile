@@ -11,7 +11,7 @@ ARGS ?=
 NPROC ?= 1  # processes (GPUs) for make train: data-parallel through torchrun when > 1
 RUN := $(PY) -m adl_llm.run
 
-.PHONY: help venv demo test test-fast lint format eval train chain curve beams compare reproduce bench clean
+.PHONY: help venv demo test test-fast lint format eval train chain curve beams compare export chat reproduce bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,14 @@ beams: venv  ## beam sweep 1/3/5 of ADAPTER: chrF, BLEU, peak memory, speed; tab
 compare: venv  ## zero-shot, 3-shot and QLoRA (ADAPTER) course perplexity, as one table
 	$(NEED_ADAPTER)
 	$(RUN) -m task=eval prompt=zero_shot,few_shot adapter=null,$(ADAPTER) $(ARGS)
+
+export: venv  ## merge ADAPTER into its base: a standalone model folder with a model card (model/ in the run folder)
+	$(NEED_ADAPTER)
+	$(RUN) task=export adapter=$(ADAPTER) $(ARGS)
+
+chat: venv  ## talk to ADAPTER on its base with the study's prompt and decoding; ADAPTER=null: no adapter
+	$(NEED_ADAPTER)
+	$(PY) -m adl_llm.chat adapter=$(ADAPTER) $(ARGS)
 
 reproduce: venv  ## the whole study (chain, curve, compare, beams) and one report.md under outputs/reproduce/
 	$(PY) -m adl_llm.reproduce $(ARGS)

@@ -8,7 +8,7 @@ Entry and configuration
     train_config.py  the schemas of the training groups                                   optim, schedule, train
     eval_config.py   the schemas of the evaluation and decoding groups                                eval, gen
     conf_files.py    conf/ on disk: each schema's defaults read from it, value checks, the run stamp
-    tasks.py         one function per task: pipeline, train, eval, generate; their objectives           task
+    tasks.py         one function per task: pipeline, train, eval, generate, export; their objectives   task
     run_folder.py    a run's folder: one process at a time, written once the checks pass, error.txt
     errors.py        the user's mistakes as one line each
 
@@ -37,6 +37,12 @@ Training
 Evaluation and decoding
     evaluate.py      the course perplexity, batched                                                    eval
     generate.py      batched decoding, predictions, chrF and BLEU                                      gen
+
+After the study
+    export.py        task=export: the adapter merged into its base, one standalone model folder         export, gen
+    model_card.py    the exported model's README.md: base, lineage, data, metrics, prompt, decoding
+    chat.py          `python -m adl_llm.chat`: talk to the model with the study's prompt and decoding    prompt, gen
+    streaming.py     an answer written as it is generated, cut where the batch decoder cuts it           gen
 
 Results
     memory.py        memory limits, peak memory per job, out-of-memory advice

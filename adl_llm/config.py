@@ -35,6 +35,7 @@ __all__ = [
     "DType",
     "DataConfig",
     "EvalConfig",
+    "ExportConfig",
     "GenConfig",
     "LongPrompts",
     "LoraConfig",
@@ -72,6 +73,7 @@ class TaskName(enum.Enum):
     train = "train"
     eval = "eval"
     generate = "generate"
+    export = "export"  # the adapter merged into its base, saved as a standalone model folder
 
 
 @dataclass
@@ -178,6 +180,17 @@ class TaskConfig:
 
 
 @dataclass
+@defaults_from("export/default")
+class ExportConfig:
+    dtype: DType
+    dir: str | None
+
+    def __post_init__(self) -> None:
+        require(self.dtype is not DType.auto, "export.dtype", "must be bfloat16, float16 or float32, not auto")
+        require(self.dir is None or bool(self.dir.strip()), "export.dir", "is empty; give a folder, or null")
+
+
+@dataclass
 @defaults_from("config")
 class Config:
     model: ModelConfig
@@ -192,6 +205,7 @@ class Config:
     task: TaskConfig
     eval: EvalConfig
     train: TrainConfig
+    export: ExportConfig
     adapter: str | None
     seed: int
     output_dir: str

@@ -163,17 +163,7 @@ def generate_from_ids(
     device = next(model.parameters()).device
     # Longest first: little padding per batch, and an out-of-memory shows in the first batch, not the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
-    # A complete GenerationConfig, so a model's own defaults (Gemma ships top_k=64, top_p=0.95) never leak in.
-    settings = GenerationConfig(
-        num_beams=gen.beams,
-        do_sample=gen.do_sample,
-        max_new_tokens=gen.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **sampling,
-    )
+    settings = generation_config(gen, tokenizer)
     stops = stop_criterion(tokenizer, gen.stop_strings)
 
     def work(share: list[int]) -> list[str]:
@@ -200,6 +190,23 @@ def generate_from_ids(
 
     by_index = map_in_order(order, work)  # under torchrun each rank decodes a share
     return [by_index[i] for i in range(len(encoded))]
+
+
+def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:
+    """The gen group's decoding as a GenerationConfig; the sampling keys only when sampling (transformers refuses
+    them otherwise). Keys left unset here take the model's generation config, which load_model clears, so a model's
+    own defaults (Gemma ships top_k=64, top_p=0.95; an export, its stop strings) never leak in."""
+    sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
+    return GenerationConfig(
+        num_beams=gen.beams,
+        do_sample=gen.do_sample,
+        max_new_tokens=gen.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **sampling,
+        **extra,
+    )
 
 
 def stop_criterion(tokenizer, stop_strings: Sequence[str]):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from adl_llm.artifacts import replace_dir, write_json
 from adl_llm.config import DType, LoraConfig, ModelConfig, Quant
@@ -116,6 +116,9 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
         attn_implementation=cfg.attn_implementation,
         **extra,
     )
+    # The gen group is the whole decoding: transformers 5 fills every key adl-llm leaves unset from the folder's own
+    # generation_config.json (an export's stop strings, a hub model's top_k or repetition_penalty).
+    model.generation_config = GenerationConfig()
     chosen = " (model.dtype=auto: what this device computes natively)" if cfg.dtype is DType.auto else ""
     log.info("loaded %s (%s, %s%s) on %s", cfg.name_or_path, cfg.quant.value, dtype, chosen, device)
     return model.eval()

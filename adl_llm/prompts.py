@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adl_llm.config import PromptConfig
-from adl_llm.data import Record
+from adl_llm.config import Config, PromptConfig
+from adl_llm.data import Record, few_shot_examples, load_records
 
 
 def shots_block(cfg: PromptConfig, shots: Sequence[Record]) -> str:
@@ -27,3 +27,10 @@ def build_prompts(instructions: Sequence[str], cfg: PromptConfig, shots: Sequenc
     """The full prompt of each instruction; an answer is appended to its prompt unchanged."""
     prefix = cfg.system + shots_block(cfg, shots)
     return [prefix + cfg.query_template.format(instruction=instruction) for instruction in instructions]
+
+
+def load_shots(cfg: Config) -> list[Record]:
+    """The few-shot examples the prompt group asks for (none for zero-shot), from the training file."""
+    if not cfg.prompt.n_shots:
+        return []
+    return few_shot_examples(load_records(cfg.data.train_file, need_outputs=True), cfg.prompt.n_shots)

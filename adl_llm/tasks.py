@@ -13,14 +13,17 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from adl_llm.artifacts import write_json
 from adl_llm.checkpoint import check_resumable
 from adl_llm.config import Config, ResumeMode, TaskName
-from adl_llm.data import Record, few_shot_examples, load_records
+from adl_llm.data import Record, load_records
 from adl_llm.distributed import barrier, is_main, world_size
 from adl_llm.encode import encode_examples
-from adl_llm.errors import RunFailed
+from adl_llm.errors import ModelError, RunFailed
 from adl_llm.evaluate import encode_for_eval, evaluate_examples
+from adl_llm.export import check_export_dir, export_dir, export_model
 from adl_llm.folders import check_adapter_folder
 from adl_llm.generate import encode_for_generation, generate_records
 from adl_llm.memory import out_of_memory_advice, peak_memory
@@ -33,7 +36,7 @@ from adl_llm.modeling import (
     save_adapter,
 )
 from adl_llm.optim import check_optim_and_schedule
-from adl_llm.prompts import build_prompts
+from adl_llm.prompts import build_prompts, load_shots
 from adl_llm.run_folder import record_run, run_folder
 from adl_llm.stages import init_adapter_dir, lineage, stage_record
 
@@ -45,6 +48,7 @@ OBJECTIVES = {
     TaskName.train: ("eval/perplexity", "minimize"),
     TaskName.pipeline: ("eval/perplexity", "minimize"),
     TaskName.generate: ("gen/chrf", "maximize"),  # absent, so None, when the eval file has no references
+    TaskName.export: None,  # a model folder, nothing to optimise
 }
 
 
@@ -55,8 +59,10 @@ def run_task(cfg: Config) -> float | None:
         TaskName.train: run_train,
         TaskName.generate: run_generate,
         TaskName.pipeline: run_pipeline,
+        TaskName.export: run_export,
     }[cfg.task.name]
-    return runner(cfg).get(OBJECTIVES[cfg.task.name][0])
+    metrics, objective = runner(cfg), OBJECTIVES[cfg.task.name]
+    return metrics.get(objective[0]) if objective else None
 
 
 def run_eval(cfg: Config) -> dict:
@@ -65,14 +71,14 @@ def run_eval(cfg: Config) -> dict:
     with run_folder(cfg) as run:
         out = run.path
         records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-        shots = _shots(cfg)
+        shots = load_shots(cfg)
         if cfg.adapter:
             check_adapter_folder(cfg.adapter, "adapter")
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         examples = encode_for_eval(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
         model = _model(cfg, adapter=cfg.adapter)
-        return _finish(out, model, evaluate_examples(cfg, model, tokenizer, records, examples), started)
+        return _finish(out, model.device, evaluate_examples(cfg, model, tokenizer, records, examples), started)
 
 
 def run_generate(cfg: Config) -> dict:
@@ -81,14 +87,34 @@ def run_generate(cfg: Config) -> dict:
     with run_folder(cfg) as run:
         out = run.path
         records = load_records(cfg.data.eval_file, need_outputs=False, limit=cfg.data.n_eval)
-        shots = _shots(cfg)
+        shots = load_shots(cfg)
         if cfg.adapter:
             check_adapter_folder(cfg.adapter, "adapter")
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         prepared = encode_for_generation(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
         model = _model(cfg, adapter=cfg.adapter)
-        return _finish(out, model, generate_records(cfg, model, tokenizer, records, prepared, out), started)
+        return _finish(out, model.device, generate_records(cfg, model, tokenizer, records, prepared, out), started)
+
+
+def run_export(cfg: Config) -> dict:
+    """The adapter merged into its base model, saved as a standalone model folder (export.dir, by default model/
+    in the run folder); writes metrics.json."""
+    if not cfg.adapter:
+        raise ModelError(
+            "adapter: task=export merges an adapter into its base model and none was given; pass adapter=<folder> "
+            "(a training run's adapter/)"
+        )
+    started = time.perf_counter()
+    with run_folder(cfg) as run:
+        check_adapter_folder(cfg.adapter, "adapter")
+        final = export_dir(cfg)
+        check_export_dir(final, run.path)
+        source = model_source(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, source)
+        record_run(cfg, run, tokenizer)
+        metrics = export_model(cfg, tokenizer, source, final)
+        return _finish(run.path, torch.device("cpu"), metrics, started)
 
 
 def run_train(cfg: Config) -> dict:
@@ -112,7 +138,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
         out = run.path
         eval_records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
         train_records = load_records(cfg.data.train_file, need_outputs=True, limit=cfg.data.n_train)
-        shots = _shots(cfg)
+        shots = load_shots(cfg)
         check_optim_and_schedule(cfg.optim, cfg.schedule)
         init_dir = init_adapter_dir(cfg)
         if init_dir:
@@ -158,7 +184,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
             write_json(out / "metrics.partial.json", metrics)
             metrics.update(generate_records(cfg, model, tokenizer, eval_records, prepared, out))
         (out / "metrics.partial.json").unlink(missing_ok=True)
-        return _finish(out, model, metrics, started)
+        return _finish(out, model.device, metrics, started)
 
 
 def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: list[Record]):
@@ -184,19 +210,13 @@ def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: lis
     return examples
 
 
-def _shots(cfg: Config) -> list[Record]:
-    if not cfg.prompt.n_shots:
-        return []
-    return few_shot_examples(load_records(cfg.data.train_file, need_outputs=True), cfg.prompt.n_shots)
-
-
 def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False):
     model = load_model(cfg.model)
     return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
 
 
-def _finish(out: Path, model, metrics: dict, started: float) -> dict:
-    metrics.update(peak_memory(next(model.parameters()).device))
+def _finish(out: Path, device: torch.device, metrics: dict, started: float) -> dict:
+    metrics.update(peak_memory(device))
     metrics["run/seconds"] = time.perf_counter() - started
     metrics["run/world_size"] = world_size()
     if is_main():  # under torchrun every rank holds the same gathered results

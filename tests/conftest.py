@@ -59,6 +59,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def build_tiny_adapter(model_dir: Path, folder: Path) -> Path:
+    """A saved LoRA adapter (q/v, r=4) for the tiny model that changes its predictions (B drawn at random, not the
+    zeros a fresh adapter starts from), with the training.json of a two-stage chain."""
+    from transformers import AutoModelForCausalLM
+
+    from adl_llm.config import LoraConfig
+    from adl_llm.modeling import add_lora, save_adapter
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    stages = [{"run_dir": str(folder.parent / f"stage-{n}"), "epochs": epochs} for n, epochs in ((1, 1.0), (2, 2.0))]
+    save_adapter(model, folder, {"base_model": str(model_dir), "cumulative_epochs": 3.0, "stages": stages})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-adapter") / "adapter")
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory) -> Path:
     """An ADL_LLM_CACHE holding the embedded model, built from its packages by two processes started at once."""

@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from adl_llm.config import (
     PROJECT_ROOT,
     EvalConfig,
+    ExportConfig,
     GenConfig,
     LoraConfig,
     ModelConfig,
@@ -24,7 +25,7 @@ from adl_llm.config import (
 from adl_llm.errors import ConfigError, one_line_error
 from tests.conftest import compose_config, run_entrypoint
 
-GROUPS = ["model", "lora", "optim", "schedule", "gen", "data", "prompt", "task", "experiment"]
+GROUPS = ["model", "lora", "optim", "schedule", "gen", "data", "prompt", "task", "export", "experiment"]
 
 
 def _options(group: str) -> list[str]:
@@ -67,6 +68,7 @@ def test_defaults_are_the_seed_reports_settings():
         ("data.n_train=0", "data.n_train"),
         ("prompt.n_shots=-1", "prompt.n_shots"),
         ("prompt.query_template=no-placeholder", "prompt.query_template"),
+        ("export.dtype=auto", "export.dtype"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, key):
@@ -128,6 +130,7 @@ def test_cfg_job_shows_every_group():
         "prompt",
         "task",
         "eval",
+        "export",
         "adapter",
     } <= top_level
 
@@ -135,13 +138,25 @@ def test_cfg_job_shows_every_group():
 def test_the_dataclasses_defaults_are_the_conf_files_defaults():
     """One source: a schema built in code reads its defaults from its group's default option in conf/."""
     cfg = compose_config()
-    schemas = (ModelConfig, LoraConfig, ScheduleConfig, GenConfig, PromptConfig, TaskConfig, EvalConfig, TrainConfig)
-    composed = (cfg.model, cfg.lora, cfg.schedule, cfg.gen, cfg.prompt, cfg.task, cfg.eval, cfg.train)
+    schemas = (
+        ModelConfig,
+        LoraConfig,
+        ScheduleConfig,
+        GenConfig,
+        PromptConfig,
+        TaskConfig,
+        EvalConfig,
+        TrainConfig,
+        ExportConfig,
+    )
+    composed = (cfg.model, cfg.lora, cfg.schedule, cfg.gen, cfg.prompt, cfg.task, cfg.eval, cfg.train, cfg.export)
     for schema, group in zip(schemas, composed):
         assert schema() == group, schema.__name__
 
 
-@pytest.mark.parametrize("option,schema", [("train/default", TrainConfig), ("eval/default", EvalConfig)])
+@pytest.mark.parametrize(
+    "option,schema", [("train/default", TrainConfig), ("eval/default", EvalConfig), ("export/default", ExportConfig)]
+)
 def test_every_train_and_eval_key_is_in_conf_with_its_trade_off(option, schema):
     lines = (PROJECT_ROOT / "conf" / f"{option}.yaml").read_text(encoding="utf-8").splitlines()
     for name in (f.name for f in dataclasses.fields(schema)):
