@@ -23,7 +23,7 @@ from typing import Any
 from adl_llm.conf_files import PROJECT_ROOT
 from adl_llm.errors import ResourceError, UserError
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "hydra-core", "omegaconf", "adl-llm")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "hydra-core", "omegaconf", "adl-llm")
 # Temporary names of atomic writes: `.<name>.tmp-<pid>`, `.<name>.old-<pid>`, `.<name>.building-<pid>`.
 TEMPORARY = re.compile(r"^\..+\.(tmp|old|building)-(\d+)$")
 
@@ -166,6 +166,7 @@ def provenance() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": versions,
         "machine": platform.node(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # a sweep job's claimed GPU (adl_llm/gpus.py)
     }
 
 

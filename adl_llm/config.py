@@ -86,6 +86,7 @@ class ModelConfig:
     trust_remote_code: bool
     attn_implementation: str
     cudnn_attention: bool
+    liger: bool | None
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path.strip()), "model.name_or_path", "must name a hub id or a local folder")

@@ -24,23 +24,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adl_llm.artifacts import write_text
 from adl_llm.config import CONF_DIR, run_stamp, to_typed
 from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun, shutdown
 from adl_llm.errors import failure_report, one_line_error
+from adl_llm.gpus import claim_gpu, gpu_count
 from adl_llm.report import failed_jobs, job_rows, write_summary
 
 log = logging.getLogger(__name__)
 # The user's HYDRA_FULL_ERROR, kept here: main() sets Hydra's own to 1 so that every exception reaches this module.
 TRACEBACKS = "ADL_LLM_TRACEBACKS"
+OmegaConf.register_new_resolver("adl_llm_gpus", gpu_count, replace=True)  # hydra/launcher=gpus: jobs at once
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(raw: DictConfig) -> float | None:
     try:
         cfg = to_typed(raw)
+        if HydraConfig.get().mode is RunMode.MULTIRUN and not launched_by_torchrun():
+            claim_gpu()  # before CUDA starts: a sweep's job sees one GPU, which no other job holds
         # Heavy imports (torch, transformers) wait until the config has passed its checks.
         from adl_llm.modeling import attention_kernels
         from adl_llm.tasks import run_task

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from adl_llm.encode import IGNORE, Encoded
 from adl_llm.generate import cut_at_stop
+from adl_llm.kernels import plain_kernels
 from bench import measure
 
 # The seed report's QLoRA settings (DESIGN.md).
@@ -39,8 +40,11 @@ SEED = {
 
 
 def load_nf4(model_path: str):
-    """The base model in 4-bit NF4 with double quantisation and bf16 compute, as the QLoRA recipes load it."""
+    """The base model in 4-bit NF4 with double quantisation and bf16 compute, as the QLoRA recipes load it, with
+    transformers' own kernels whatever an earlier run of this process patched (adl-llm's or TRL's Liger)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    plain_kernels()
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -2,7 +2,8 @@
 # The measurements of docs/BENCHMARKS.md and the README's results, on a lent GPU machine that has torch,
 # transformers and peft but not the rest (../shared/device/README.md). Before it, the wheels travel as .whl/ and
 # are installed to /tmp/site (`install`), and the GGUF of the embedded model is staged in parts under /tmp/stage
-# (../shared/device/stage_model.sh). Each part runs on GPU 0 unless it says otherwise:
+# (../shared/device/stage_model.sh). Each part runs on GPU $GPU (default 0) unless it says otherwise, so two parts
+# can share a 2-GPU machine: `GPU=0 bash bench/gpu_session.sh bench7b_train & GPU=1 bash ... bench_train & wait`.
 #   bash bench/gpu_session.sh install                # the carried wheels (transformers 5.24, bitsandbytes, trl, ...)
 #   bash bench/gpu_session.sh setup gpu_tests        # the embedded model from the staged GGUF; tests marked gpu
 #   bash bench/gpu_session.sh reproduce              # the seed study (what make reproduce runs)
@@ -11,6 +12,11 @@
 #   bash bench/gpu_session.sh bench7b_train          # a random-weight Llama-2-7B shape: training against TRL
 #   bash bench/gpu_session.sh bench7b                # the 7B shape: perplexity and generation too
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
+#   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
+#   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
+#   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
+#   bash bench/gpu_session.sh sweep_gpus             # 2 GPUs: a 4-job sweep one job after another on one GPU,
+#                                                    # then spread over both (hydra/launcher=gpus)
 #   bash bench/gpu_session.sh pack NAME              # KEEP's results (no checkpoints) as $OUT/NAME.tgz
 # Results go to KEEP (default /tmp/gpu), which outlives a call while the machine stays warm; `pack` puts them in
 # the one file that comes back from the machine.
@@ -21,6 +27,7 @@ mkdir -p "$KEEP" "$OUT"
 export PYTHONPATH=/tmp/site:. ADL_LLM_CACHE=/tmp/adl_cache PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the machine's rule
 PY=python3
+GPU=${GPU:-0}
 
 log() { tr '\r' '\n' | grep --line-buffered -v "%|" > "$KEEP/$1.log" || true; }  # progress bars dropped
 
@@ -44,21 +51,27 @@ ersion as V; assert V(transformers.__version__) >= V(f), f'transformers {transfo
 }
 
 gpu_tests() {  # the tests that need a GPU, on the embedded model
-  CUDA_VISIBLE_DEVICES=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$KEEP/gpu_tests.log" \
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$KEEP/gpu_tests.log" \
     | tail -n 15
 }
 
 reproduce() {  # the chain, the curve, the comparison and the beam sweep
   rm -rf outputs/reproduce && mkdir -p "$KEEP/reproduce" && ln -sfn "$KEEP/reproduce" outputs/reproduce
-  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.reproduce train.save_every=0 2>&1 | log reproduce
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.reproduce train.save_every=0 2>&1 | log reproduce
   tail -n 60 "$KEEP/reproduce.log"
 }
 
-embedded() { CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model embedded --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
+chain() {  # the report's 1+1+3 stage chain (what make chain runs)
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run -m experiment=chain train.save_every=0 hydra.sweep.dir="$KEEP/chain" \
+    2>&1 | log chain
+  cat "$KEEP/chain/summary.md"
+}
+
+embedded() { CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model embedded --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
   --out "$KEEP/bench" "$@"; }
 
 bench_train() {  # the embedded model: adl-llm against TRL (with and without Liger and checkpointing) and the seed
-  embedded --only train --train-steps 40 --baseline-steps 12 --ablation-steps 0 2>&1 | log bench-embedded-train
+  embedded --only train --train-steps 40 --baseline-steps 12 --ablations no_liger 2>&1 | log bench-embedded-train
   tail -n 40 "$KEEP/bench-embedded-train.log"
 }
 
@@ -68,20 +81,20 @@ bench_infer() {  # the embedded model: the course ppl loop and the one-prompt ge
 }
 
 profile() {  # where a training pass of the embedded model spends its time
-  CUDA_VISIBLE_DEVICES=0 $PY -m bench.profile_train --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_train --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
     --out "$KEEP/profile" 2>&1 | log profile
   head -n 45 "$KEEP/profile/profile.txt"
 }
 
 beams() {  # the beam sweep of ADAPTER (default: the base model) with the report's sampling
-  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run -m task=generate gen.beams=1,3,5 adapter="${ADAPTER:-null}" \
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run -m task=generate gen.beams=1,3,5 adapter="${ADAPTER:-null}" \
     hydra.sweep.dir="$KEEP/beams" 2>&1 | log beams
   cat "$KEEP/beams/summary.md"
 }
 
 ddp() {  # training tokens/s on 1 and 2 GPUs over the first 200 steps of the 3000 records, the same global batch
   local args=(task=train train.max_steps=200 data.n_eval=16 train.save_every=0)
-  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${args[@]}" hydra.run.dir="$KEEP/ddp/1gpu" > "$KEEP/ddp-1gpu.log" 2>&1 || true
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run "${args[@]}" hydra.run.dir="$KEEP/ddp/1gpu" > "$KEEP/ddp-1gpu.log" 2>&1 || true
   $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m adl_llm.run "${args[@]}" \
     hydra.run.dir="$KEEP/ddp/2gpu" > "$KEEP/ddp-2gpu.log" 2>&1 || true
   rm -rf "$KEEP"/ddp/*/adapter "$KEEP"/ddp/*/checkpoints
@@ -91,17 +104,64 @@ ddp() {  # training tokens/s on 1 and 2 GPUs over the first 200 steps of the 300
 
 llama7b() { test -d /tmp/llama7b || $PY -m bench.build_llama7b /tmp/llama7b; }
 
-bench7b_train() {  # the 7B shape's training: adl-llm (default budget and 40 GiB) against TRL, no seed-style loop
+# The 7B shape, the first 3000 records, global batch 16 (40 steps) and 64 (12 steps); per-step losses in metrics.json.
+DDP7B=(task=train model.name_or_path=/tmp/llama7b data.n_eval=16 train.save_every=0)
+ddp7b_run() {  # NAME NPROC BATCH STEPS
+  local name=$1 nproc=$2 batch=$3 steps=$4 launch=(-m adl_llm.run)
+  if [ "$nproc" -gt 1 ]; then launch=(-m torch.distributed.run --standalone --nproc_per_node="$nproc" "${launch[@]}"); fi
+  $PY "${launch[@]}" "${DDP7B[@]}" train.batch_size="$batch" train.max_steps="$steps" \
+    hydra.run.dir="$KEEP/ddp7b/$name" > "$KEEP/ddp7b-$name.log" 2>&1 || tail -n 20 "$KEEP/ddp7b-$name.log"
+  rm -rf "$KEEP/ddp7b/$name/adapter" "$KEEP/ddp7b/$name/checkpoints"
+}
+
+ddp7b_single() {  # one GPU, batch 16 and 64 at once on GPU 0 and GPU 1 (one run a GPU, so neither shares a card)
   llama7b
-  CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train --train-steps 10 \
-    --warmup-steps 3 --baseline-steps 0 --ablation-steps 10 --ablations budget40 --out "$KEEP/bench" 2>&1 \
+  CUDA_VISIBLE_DEVICES=0 ddp7b_run 1gpu-b16 1 16 40 &
+  CUDA_VISIBLE_DEVICES=1 ddp7b_run 1gpu-b64 1 64 12 &
+  wait
+}
+
+ddp7b() {  # both GPUs: the same runs under torchrun (NCCL's transport logged), then a profile of each rank's step
+  llama7b
+  NCCL_DEBUG=INFO ddp7b_run 2gpu-b16 2 16 40
+  grep -h "via\|Channel 00" "$KEEP/ddp7b-2gpu-b16.log" | sort -u | head -n 8 || true
+  ddp7b_run 2gpu-b64 2 64 12
+  $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.profile_train --model-path /tmp/llama7b \
+    --passes 3 --out "$KEEP/profile-ddp7b" > "$KEEP/profile-ddp7b.log" 2>&1 || tail -n 20 "$KEEP/profile-ddp7b.log"
+  CUDA_VISIBLE_DEVICES=0 $PY -m bench.profile_train --model-path /tmp/llama7b --passes 3 --out "$KEEP/profile-1gpu7b" \
+    > "$KEEP/profile-1gpu7b.log" 2>&1 || tail -n 20 "$KEEP/profile-1gpu7b.log"
+  head -n 4 "$KEEP"/profile-ddp7b/*.txt "$KEEP"/profile-1gpu7b/*.txt || true
+  $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
+}
+
+# A 4-job training sweep of the embedded model (lr x LoRA rank), the same jobs both ways; SWEEP_LENGTH sets how long
+# a job trains (the default: the chain's last stage, 3 epochs of the 3000 records).
+SWEEP=(-m task=train "${SWEEP_LENGTH:-train.epochs=3}" train.save_every=0 optim.lr=3e-5,1e-4 lora.r=16,64)
+sweep_gpus() {
+  local started
+  started=$(date +%s%N)
+  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${SWEEP[@]}" hydra.sweep.dir="$KEEP/sweep/one-gpu" > "$KEEP/sweep-one.log" 2>&1
+  echo "one GPU, one job after another: $((($(date +%s%N) - started) / 1000000)) ms" | tee "$KEEP/sweep.txt"
+  started=$(date +%s%N)
+  $PY -m adl_llm.run "${SWEEP[@]}" hydra/launcher=gpus hydra.sweep.dir="$KEEP/sweep/two-gpus" > "$KEEP/sweep-two.log" 2>&1
+  echo "two GPUs, hydra/launcher=gpus: $((($(date +%s%N) - started) / 1000000)) ms" | tee -a "$KEEP/sweep.txt"
+  grep -h '"cuda_visible_devices"' "$KEEP"/sweep/two-gpus/*/run.json | sort | uniq -c | tee -a "$KEEP/sweep.txt"
+  rm -rf "$KEEP"/sweep/*/*/adapter "$KEEP"/sweep/*/*/checkpoints
+  cat "$KEEP/sweep/one-gpu/summary.md" "$KEEP/sweep/two-gpus/summary.md"
+}
+
+bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop
+  llama7b
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train \
+    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations budget40,no_liger --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
+    --out "$KEEP/bench" 2>&1 \
     | log bench-llama7b-train
   tail -n 30 "$KEEP/bench-llama7b-train.log"
 }
 
 bench7b() {  # a random-weight Llama-2-7B shape: speed and memory only
   llama7b
-  CUDA_VISIBLE_DEVICES=0 $PY -m bench.run --model llama7b --model-path /tmp/llama7b --train-steps 10 --ablation-steps 0 \
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --train-steps 10 --ablation-steps 0 \
     --n-eval 100 --n-gen 24 --n-gen-baseline 4 --out "$KEEP/bench" 2>&1 | log bench-llama7b
   tail -n 50 "$KEEP/bench-llama7b.log"
 }

@@ -1,10 +1,14 @@
-"""Where the time of one adl-llm training pass goes: torch.profiler over a few passes, the top operators printed.
+"""Where the time of one adl-llm training step goes: torch.profiler over a few steps, the top operators printed.
 
     python -m bench.profile_train --model-path /tmp/adl_cache/models/gemma3-270m --out $OUT/profile
+    torchrun --standalone --nproc_per_node=2 -m bench.profile_train --model-path /tmp/llama7b --out $OUT/profile
 
-A pass is one forward/backward over the first `--examples` training records (a default step of 16). The
-wall time per pass with and without the profiler, and the busy time of the GPU within it, say whether the
-pass waits on the GPU or on Python and kernel launches.
+A step is the forward/backward passes over the first `--examples` training records (a default step of 16), cut
+into micro-batches and checkpointed as training would (the memory plan), then the gradient sum over the ranks.
+Under torchrun each rank takes its share of the step, and writes its own table (profile-rank<r>.txt); the time of
+the gradient all-reduce alone is measured apart. The wall time per step with and without the profiler, and the
+busy time of the GPU within it, say whether the step waits on the GPU, on Python and kernel launches, or on the
+other rank.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ from pathlib import Path
 
 import torch
 
-from adl_llm.batching import pad_multiple
 from adl_llm.config import compose
 from adl_llm.data import load_records
+from adl_llm.distributed import init_from_env, rank, shutdown, sum_gradients, world_size
 from adl_llm.encode import encode_examples
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
-from adl_llm.modeling import add_lora, attention_kernels, load_model, load_tokenizer, model_source
+from adl_llm.micro_batches import plan_micro_batches, split_step
+from adl_llm.modeling import (
+    add_lora,
+    attention_kernels,
+    load_model,
+    load_tokenizer,
+    model_source,
+    set_gradient_checkpointing,
+)
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.prompts import build_prompts
 from bench import measure
@@ -31,12 +43,13 @@ from bench import measure
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default="embedded:gemma3-270m")
-    parser.add_argument("--examples", type=int, default=16, help="examples in the profiled pass")
-    parser.add_argument("--passes", type=int, default=5, help="profiled passes, after as many warm-up passes")
+    parser.add_argument("--examples", type=int, default=16, help="examples in the profiled step, over all ranks")
+    parser.add_argument("--passes", type=int, default=5, help="profiled steps, after as many warm-up steps")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables (and the trace)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (tens of MB)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    init_from_env()
 
     cfg = compose(f"model.name_or_path={args.model_path}")
     source = model_source(cfg.model)
@@ -49,15 +62,29 @@ def main(argv=None) -> None:
     model.train()
     device = next(model.parameters()).device
     n_scored = sum(ex.n_scored for ex in examples)
-    multiple = pad_multiple(cfg.train.pad_to_multiple, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     defaults = contextlib.ExitStack()  # the kernels and the base that training uses by default
     defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
     limit = memory_limit(cfg.train.memory_budget_gb, device)
     defaults.enter_context(dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=limit))
+    plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
+    set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    micro_batches = split_step(examples[rank() :: world_size()], cfg.train, plan.tokens, plan.multiple)
 
     def one_pass() -> None:
-        accumulate_gradients(model, [examples], n_scored, tokenizer.pad_token_id, device, multiple)
+        accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)
+        sum_gradients(trainable)
         model.zero_grad(set_to_none=True)
+
+    def all_reduce() -> float:
+        accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)
+        measure.sync()
+        started = measure.now()
+        for _ in range(args.passes):
+            sum_gradients(trainable)
+        measure.sync()
+        model.zero_grad(set_to_none=True)
+        return (measure.now() - started) / args.passes
 
     for _ in range(args.passes):  # warm-up: allocator, kernels, caches
         one_pass()
@@ -77,10 +104,14 @@ def main(argv=None) -> None:
         prof.export_chrome_trace(str(args.out / "trace.json"))
     averages = prof.key_averages()
     gpu_busy = sum(e.self_device_time_total for e in averages) / 1e6 / args.passes
+    mine = [ex for batch in micro_batches for ex in batch]
     lines = [
-        f"{args.examples} examples, {sum(len(e.input_ids) for e in examples)} tokens a pass on {measure.card()}",
-        f"wall time a pass: {plain * 1000:.1f} ms without the profiler",
-        f"GPU busy a pass (sum of kernel times): {gpu_busy * 1000:.1f} ms",
+        f"rank {rank()} of {world_size()}: {len(mine)} of {args.examples} examples, "
+        f"{sum(len(e.input_ids) for e in mine)} tokens a step in {len(micro_batches)} micro-batch(es), gradient "
+        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, on {measure.card()}",
+        f"wall time a step: {plain * 1000:.1f} ms without the profiler",
+        f"GPU busy a step (sum of kernel times): {gpu_busy * 1000:.1f} ms",
+        f"gradient all-reduce alone ({sum(p.numel() for p in trainable):,} values): {all_reduce() * 1000:.1f} ms",
         "",
         averages.table(sort_by="self_cpu_time_total", row_limit=30),
     ]
@@ -88,9 +119,12 @@ def main(argv=None) -> None:
         lines.append(averages.table(sort_by="self_device_time_total", row_limit=30))
     defaults.close()
     report = "\n".join(lines)
-    (args.out / "profile.txt").write_text(report, encoding="utf-8")
-    print(report, flush=True)
-    print(f"at {time.strftime('%H:%M:%S')} wrote {args.out}/profile.txt", flush=True)
+    name = "profile.txt" if world_size() == 1 else f"profile-rank{rank()}.txt"
+    (args.out / name).write_text(report, encoding="utf-8")
+    if rank() == 0:
+        print(report, flush=True)
+    print(f"at {time.strftime('%H:%M:%S')} wrote {args.out}/{name}", flush=True)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ ABLATIONS = {
     "unbucketed": ("train.pad_to_multiple=1",),  # passes padded to their longest example only
     "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
     "budget40": ("train.memory_budget_gb=40",),  # memory to spare: a 7B's dequantised base, no checkpointing
+    "no_liger": ("model.liger=false",),  # transformers' own RMSNorm, MLP and RoPE kernels
 }
 PARTS = ("train", "ppl", "gen")
 

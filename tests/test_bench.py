@@ -57,4 +57,18 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
 def test_profile_train_writes_its_table(tiny_model_dir, tmp_path):
     profile_train.main([f"--model-path={tiny_model_dir}", "--passes=1", "--examples=4", f"--out={tmp_path}"])
     text = (tmp_path / "profile.txt").read_text(encoding="utf-8")
-    assert "wall time a pass" in text and "aten::" in text
+    assert "wall time a step" in text and "gradient all-reduce alone" in text and "aten::" in text
+
+
+def test_ddp_table_compares_each_run_with_one_gpu_at_its_batch(tmp_path):
+    from adl_llm.artifacts import write_json
+    from bench import ddp_table
+
+    runs = {"1gpu-b16": (1000.0, [2.0, 1.5]), "2gpu-b16": (1800.0, [2.0, 1.52]), "2gpu-b64": (4000.0, [2.1])}
+    for name, (speed, losses) in runs.items():
+        write_json(tmp_path / name / "metrics.json", {"train/tokens_per_s": speed, "train/losses": losses})
+    table = ddp_table.rows(tmp_path)
+    assert [(r["gpus"], r["batch"]) for r in table] == [(1, 16), (2, 16), (2, 64)]
+    assert table[1]["speedup"] == pytest.approx(1.8) and table[1]["loss_diff"] == pytest.approx(0.01)
+    assert table[2]["speedup"] is None  # no one-GPU run at batch 64 to compare with
+    assert "| 2 | 16 | 1,800 | 1.80 |" in ddp_table.markdown(table)

@@ -57,3 +57,25 @@ def test_the_memory_plan_keeps_training_within_its_budget(embedded, tmp_path, bu
     state = train(model, examples, cfg, tmp_path, tokenizer.pad_token_id)
     assert state.global_step == 4
     assert torch.cuda.max_memory_allocated() <= memory_limit(budget_gb, torch.device("cuda"))
+
+
+def _train_losses(source, tokenizer, examples, tmp_path, *overrides: str) -> list[float]:
+    cfg = compose_config(
+        f"model.name_or_path={source}", "train.max_steps=8", "train.save_every=0", *overrides, output_dir=tmp_path
+    )
+    set_seed(0)
+    model = add_lora(load_model(cfg.model), cfg.lora)
+    return train(model, examples, cfg, tmp_path, tokenizer.pad_token_id).losses
+
+
+def test_liger_kernels_train_as_the_plain_path_does(embedded, tmp_path):
+    pytest.importorskip("liger_kernel")
+    source, tokenizer, examples = embedded
+    fused = _train_losses(source, tokenizer, examples, tmp_path / "liger", "model.liger=true")
+    plain = _train_losses(source, tokenizer, examples, tmp_path / "plain", "model.liger=false")
+    assert sum(abs(a - b) for a, b in zip(fused, plain)) / len(plain) <= 0.01
+    with torch.no_grad():  # and the course metric's NLL of a batch, after the plain model restored the module
+        batch = collate(examples[:16], tokenizer.pad_token_id, "cuda")
+        liger = answer_nll(load_model(ModelConfig(name_or_path=source, liger=True)), batch).nll.mean()
+        own = answer_nll(load_model(ModelConfig(name_or_path=source, liger=False)), batch).nll.mean()
+    assert float(liger) == pytest.approx(float(own), rel=5e-3)
