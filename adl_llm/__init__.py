@@ -24,6 +24,7 @@ Model
     folders.py       model and adapter folders checked before loading: whole safetensors, no pickles    model
     devices.py       the device and the dtype it computes natively (model.dtype=auto)                    model
     nf4.py           bitsandbytes NF4: the dequantised training copy and the workarounds it needs       train
+    kernels.py       Liger's fused kernels (RMSNorm, gated MLP, RoPE) where they can run; the plain path  model
 
 Training
     train.py         the training loop, resume                                                         train
@@ -33,6 +34,7 @@ Training
     checkpoint.py    atomic checkpoints (safetensors + JSON) and the training state
     stages.py        stage chains: `train.init_from`, the lineage in training.json                     train
     distributed.py   torchrun data parallelism: ranks, gradient sum, sharded evaluation
+    gpus.py          a sweep over a machine's GPUs: each job claims one and sees only it   hydra/launcher
 
 Evaluation and decoding
     evaluate.py      the course perplexity, batched                                                    eval

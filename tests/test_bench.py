@@ -18,6 +18,7 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
             f"--model-path={tiny_model_dir}",
             "--train-steps=3",
             "--ablation-steps=2",
+            "--ablations=2x8,checkpointing",
             "--warmup-steps=1",
             "--n-train=40",
             "--n-eval=5",

@@ -64,6 +64,7 @@ def test_a_cache_is_trusted_only_when_its_marker_vouches_for_the_tokenizer(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("embedded")  # one worker builds the embedded model for both tests that need it
 def test_the_built_tokenizer_gives_the_golden_ids_and_a_swapped_one_is_caught(embedded_cache, tiny_model_dir, tmp_path):
     import transformers
 

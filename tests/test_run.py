@@ -55,6 +55,7 @@ def test_bad_data_is_one_line_before_the_model_loads(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.xdist_group("embedded")  # one worker builds the embedded model for both tests that need it
 def test_embedded_model_from_its_packages_to_a_perplexity(embedded_cache, tmp_path):
     """Built by two processes at once (the fixture); both got the same complete folder; then a perplexity."""
     assert sorted(p.name for p in (embedded_cache / "models").iterdir() if p.is_dir()) == ["gemma3-270m"]
