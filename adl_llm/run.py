@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from adl_llm.artifacts import write_text
 from adl_llm.config import CONF_DIR, run_stamp, to_typed
 from adl_llm.distributed import broadcast_object, init_from_env, launched_by_torchrun, shutdown
-from adl_llm.errors import failure_report, one_line_error
+from adl_llm.errors import ConfigError, failure_report, one_line_error
 from adl_llm.gpus import claim_gpu, gpu_count
 from adl_llm.report import failed_jobs, job_rows, write_summary
 
@@ -43,6 +43,7 @@ OmegaConf.register_new_resolver("adl_llm_gpus", gpu_count, replace=True)  # hydr
 def _run(raw: DictConfig) -> float | None:
     try:
         cfg = to_typed(raw)
+        refuse_repeated_slurm_tasks()
         if HydraConfig.get().mode is RunMode.MULTIRUN and not launched_by_torchrun():
             claim_gpu()  # before CUDA starts: a sweep's job sees one GPU, which no other job holds
         # Heavy imports (torch, transformers) wait until the config has passed its checks.
@@ -69,6 +70,23 @@ def _run(raw: DictConfig) -> float | None:
         (job_dir / "metrics.json").unlink(missing_ok=True)  # nothing that looks like a finished result
         log.error("job failed, the sweep goes on: %s (traceback in %s)", report.splitlines()[0], job_dir / "error.txt")
         return None
+
+
+def refuse_repeated_slurm_tasks() -> None:
+    """A sweep job that hydra/launcher=slurm runs as several Slurm tasks (tasks_per_node or nodes above 1) would run
+    whole in every task, each writing the same folder: refused, pointing at torchrun for data parallelism."""
+    if launched_by_torchrun() or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    tasks = submitit.JobEnvironment().num_tasks
+    if tasks > 1:
+        raise ConfigError(
+            "hydra.launcher",
+            f"this job runs as {tasks} Slurm tasks, and each would run all of it into one folder; keep "
+            "hydra.launcher.tasks_per_node=1 and nodes=1, and for one job over several GPUs or nodes run torchrun "
+            "inside one Slurm job (README: From one GPU to a cluster)",
+        )
 
 
 class SweepEnd(Callback):

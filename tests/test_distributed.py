@@ -74,3 +74,18 @@ def test_a_chain_under_a_parallel_launcher_is_refused(tiny_model_dir, tmp_path):
     assert result.returncode != 0
     assert "may run them at once" in result.stderr + result.stdout
     assert not list(sweep.glob("*/adapter"))
+
+
+@pytest.mark.parametrize("tasks,torchrun,refused", [("2", False, True), ("1", False, False), ("4", True, False)])
+def test_a_slurm_job_of_several_tasks_is_refused_unless_torchrun_runs_it(monkeypatch, tasks, torchrun, refused):
+    from adl_llm.errors import ConfigError
+    from adl_llm.run import refuse_repeated_slurm_tasks
+
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_NTASKS": tasks, "SLURM_PROCID": "0"}
+    for key, value in {**env, "WORLD_SIZE": "4" if torchrun else "1"}.items():
+        monkeypatch.setenv(key, value)
+    if refused:
+        with pytest.raises(ConfigError, match=r"^hydra.launcher: this job runs as 2 Slurm tasks"):
+            refuse_repeated_slurm_tasks()
+    else:
+        refuse_repeated_slurm_tasks()
