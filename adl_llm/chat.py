@@ -179,6 +179,8 @@ def converse(session: Session, stdin: TextIO, stdout: TextIO, interactive: bool)
             if message is None:
                 raise
             print(f"error: {message}", file=sys.stderr, flush=True)
+            if not interactive and not line.startswith("/"):
+                print(file=stdout, flush=True)  # still one line out for each line in: an empty answer
 
 
 def _answer(session: Session, line: str, stdout: TextIO, interactive: bool) -> None:

@@ -65,7 +65,8 @@ def export_model(cfg: Config, tokenizer, source: str, final: Path) -> dict:
     if trained.get("base_model", cfg.model.name_or_path) != cfg.model.name_or_path:
         log.warning("the adapter's training.json names the base %s; merging it into %s", trained["base_model"], source)
     log.info("merging into the unquantised base in float32 on the CPU (NF4 cannot hold the merge exactly)")
-    full_precision = dataclasses.replace(cfg.model, quant=Quant.none, dtype=DType.float32)
+    # On the CPU: Liger's GPU kernels have no part in a merge, whatever model.liger asks of training.
+    full_precision = dataclasses.replace(cfg.model, quant=Quant.none, dtype=DType.float32, liger=False)
     model = load_model(full_precision, torch.device("cpu"), source)
     model = load_adapter(model, cfg.adapter).merge_and_unload()
     dtype = getattr(torch, cfg.export.dtype.value)

@@ -41,14 +41,7 @@ def apply_liger(model, setting: bool | None) -> bool:
     module = sys.modules[type(model).__module__]
     reason = "model.liger=false" if setting is False else why_not(model)
     if reason is None:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        before = dict(vars(module))
-        _apply_liger_kernel_to_instance(model=model, **KERNELS)
-        patched = _pristine.setdefault(module.__name__, {})
-        for name, value in before.items():  # the first value of each name Liger replaced
-            if vars(module)[name] is not value:
-                patched.setdefault(name, value)
+        _apply(model, module)
         log.info("kernels: Liger's fused RMSNorm, gated MLP and RoPE (%s)", model.config.model_type)
         return True
     if setting is True:
@@ -59,9 +52,29 @@ def apply_liger(model, setting: bool | None) -> bool:
     return False
 
 
+def _apply(model, module) -> None:
+    """Patch `model` with Liger's kernels, remembering what Liger replaced in `module` (also if it fails)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    before = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, **KERNELS)
+    except Exception as exc:  # part of the model may be patched already: not a plain model to fall back to
+        raise ModelError(
+            f"model.liger: Liger failed on this {model.config.model_type} model ({type(exc).__name__}: {exc}); "
+            "set model.liger=false"
+        ) from exc
+    finally:
+        patched = _pristine.setdefault(module.__name__, {})
+        for name, value in before.items():  # the first value of each name Liger replaced
+            if vars(module)[name] is not value:
+                patched.setdefault(name, value)
+
+
 def plain_kernels() -> None:
-    """Put back every modeling module that Liger patched since adl-llm first applied it, whoever patched it last
-    (the bench calls this before each side that must run without Liger: TRL's `use_liger_kernel` patches too)."""
+    """Put back what Liger replaced in every modeling module adl-llm applied it to, whoever patched it last (TRL's
+    `use_liger_kernel` patches too): `load_model` calls this before building a model, whose layers are made from
+    the module's classes, and the bench before each side that must run without Liger."""
     for name, namespace in _pristine.items():
         vars(sys.modules[name]).update(namespace)
 
@@ -75,7 +88,7 @@ def why_not(model) -> str | None:
         return "liger-kernel is not installed (pip install 'adl-llm[liger]')"
     try:
         supported = importlib.import_module("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN
-    except (ImportError, AttributeError) as exc:  # a broken Triton, or a Liger whose layout changed
+    except Exception as exc:  # a broken Triton or CUDA set-up, or a Liger whose layout changed
         return f"liger-kernel does not load ({type(exc).__name__}: {exc})"
     model_type = getattr(model.config, "model_type", None)
     if model_type not in supported:

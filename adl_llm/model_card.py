@@ -35,7 +35,7 @@ def model_card(cfg: Config, record: dict, folder: Path) -> str:
         _lineage(record["lineage"]),
         _data(cfg, run),
         _metrics(metrics, run),
-        _decoding(cfg),
+        _decoding(cfg, run),
         _precision(record["dtype"]),
         _provenance(record["provenance"]),
     ]
@@ -118,13 +118,24 @@ def _metrics(metrics: dict, run: dict) -> str:
     return f"## Results\n\nThe study's, with the adapter ({setting}), from its run folder:\n\n{table}"
 
 
-def _decoding(cfg: Config) -> str:
+def _decoding(cfg: Config, run: dict) -> str:
     gen = cfg.gen
     sampling = f", top_p {gen.top_p}, top_k {gen.top_k}, temperature {gen.temperature}" if gen.do_sample else ""
     stops = ", ".join(repr(s) for s in gen.stop_strings) or "none"
+    measured = run.get("prompt", {}).get("name")
+    if measured and measured != cfg.prompt.name:  # the export was asked for another prompt than the study's
+        prompt = (
+            f"Use above shows the `{cfg.prompt.name}` prompt (this export's `prompt=`), but the adapter was tuned and "
+            f"measured with the `{measured}` prompt (its run's `run.json`): export with `prompt={measured}` to show "
+            "that one. The prompt is `[BOS]` + that text, the answer after it."
+        )
+    else:
+        prompt = (
+            f"Tuned and measured with the `{cfg.prompt.name}` prompt: `[BOS]` + the text in Use above, the answer "
+            "after it."
+        )
     return (
-        f"## Prompt and decoding\n\nTuned and measured with the `{cfg.prompt.name}` prompt: `[BOS]` + the text in "
-        f"Use above, the answer after it. `generation_config.json` holds the decoding: {gen.beams} beam(s), "
+        f"## Prompt and decoding\n\n{prompt} `generation_config.json` holds the decoding: {gen.beams} beam(s), "
         f"{'sampling' if gen.do_sample else 'no sampling'}{sampling}, at most {gen.max_new_tokens} new tokens, "
         f"stop strings {stops}. transformers stops at a stop string when `generate` is given the tokenizer, but "
         "keeps it in the output: cut the answer before it and strip the spaces around it, as adl-llm does."

@@ -24,7 +24,7 @@ from adl_llm.devices import default_device, fastest_dtype
 from adl_llm.embedded import check_tokenizer, embedded_model_dir, is_embedded
 from adl_llm.errors import ModelError
 from adl_llm.folders import check_adapter_folder, check_model_folder
-from adl_llm.kernels import apply_liger
+from adl_llm.kernels import apply_liger, plain_kernels
 from adl_llm.nf4 import nf4_quantization
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
     source = source or model_source(cfg)
     dtype = weight_dtype(cfg, device)
     extra = {"quantization_config": nf4_quantization(dtype)} if cfg.quant is Quant.nf4 else {}
+    plain_kernels()  # layers are built from the modeling module's classes: never from an earlier run's Liger ones
     model = _from_pretrained(
         AutoModelForCausalLM,
         source,

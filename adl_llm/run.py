@@ -75,15 +75,19 @@ def _run(raw: DictConfig) -> float | None:
 def refuse_repeated_slurm_tasks() -> None:
     """A sweep job that hydra/launcher=slurm runs as several Slurm tasks (tasks_per_node or nodes above 1) would run
     whole in every task, each writing the same folder: refused, pointing at torchrun for data parallelism."""
-    if launched_by_torchrun() or not os.environ.get("SUBMITIT_EXECUTOR"):
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if launched_by_torchrun() or not executor:
         return
-    import submitit
+    try:
+        import submitit
 
-    tasks = submitit.JobEnvironment().num_tasks
+        tasks = submitit.JobEnvironment().num_tasks
+    except (ImportError, RuntimeError):  # the variable without a submitit job around it
+        return
     if tasks > 1:
         raise ConfigError(
             "hydra.launcher",
-            f"this job runs as {tasks} Slurm tasks, and each would run all of it into one folder; keep "
+            f"this job runs as {tasks} {executor} tasks, and each would run all of it into one folder; keep "
             "hydra.launcher.tasks_per_node=1 and nodes=1, and for one job over several GPUs or nodes run torchrun "
             "inside one Slurm job (README: From one GPU to a cluster)",
         )

@@ -34,8 +34,8 @@ def rows(folder: Path) -> list[dict]:
             "speedup": metrics["train/tokens_per_s"] / one["train/tokens_per_s"] if one else None,
             "loss_diff": None,
         }
-        if one and gpus > 1:
-            pairs = list(zip(metrics["train/losses"], one["train/losses"]))
+        pairs = list(zip(metrics["train/losses"], one["train/losses"])) if one and gpus > 1 else []
+        if pairs:  # over the steps both ran
             row["loss_diff"] = sum(abs(a - b) for a, b in pairs) / len(pairs)
         out.append(row)
     return out

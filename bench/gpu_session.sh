@@ -140,10 +140,12 @@ SWEEP=(-m task=train "${SWEEP_LENGTH:-train.epochs=3}" train.save_every=0 optim.
 sweep_gpus() {
   local started
   started=$(date +%s%N)
-  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${SWEEP[@]}" hydra.sweep.dir="$KEEP/sweep/one-gpu" > "$KEEP/sweep-one.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${SWEEP[@]}" hydra.sweep.dir="$KEEP/sweep/one-gpu" > "$KEEP/sweep-one.log" 2>&1 \
+    || tail -n 20 "$KEEP/sweep-one.log"  # a failed job is in the summary; the timing still counts
   echo "one GPU, one job after another: $((($(date +%s%N) - started) / 1000000)) ms" | tee "$KEEP/sweep.txt"
   started=$(date +%s%N)
-  $PY -m adl_llm.run "${SWEEP[@]}" hydra/launcher=gpus hydra.sweep.dir="$KEEP/sweep/two-gpus" > "$KEEP/sweep-two.log" 2>&1
+  $PY -m adl_llm.run "${SWEEP[@]}" hydra/launcher=gpus hydra.sweep.dir="$KEEP/sweep/two-gpus" > "$KEEP/sweep-two.log" 2>&1 \
+    || tail -n 20 "$KEEP/sweep-two.log"
   echo "two GPUs, hydra/launcher=gpus: $((($(date +%s%N) - started) / 1000000)) ms" | tee -a "$KEEP/sweep.txt"
   grep -h '"cuda_visible_devices"' "$KEEP"/sweep/two-gpus/*/run.json | sort | uniq -c | tee -a "$KEEP/sweep.txt"
   rm -rf "$KEEP"/sweep/*/*/adapter "$KEEP"/sweep/*/*/checkpoints

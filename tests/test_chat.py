@@ -4,6 +4,8 @@ piped (one answer a line) and at a terminal (a pseudo-terminal: prompt, streamin
 from __future__ import annotations
 
 import codecs
+import copy
+import io
 import os
 import pty
 import select
@@ -14,7 +16,7 @@ import time
 
 import pytest
 
-from adl_llm.chat import changed_gen, split_args, start
+from adl_llm.chat import changed_gen, converse, split_args, start
 from adl_llm.config import PROJECT_ROOT, GenConfig
 from adl_llm.errors import ConfigError, UserError
 from adl_llm.generate import generate_texts
@@ -125,6 +127,16 @@ def test_piped_chat_writes_one_answer_a_line(session, tiny_model_dir, tiny_adapt
     second = _expected(session, two_lines, changed_gen(session.gen, ["greedy", "max_new_tokens=5"]))
     assert result.stdout.split("\n") == [*first, "", *second, ""]  # the command writes nothing to stdout
     assert "max_new_tokens=5" in result.stderr
+
+
+def test_piped_chat_keeps_one_line_out_for_each_line_in_when_a_question_is_refused(session, capsys):
+    fits = len(build_prompts(QUESTIONS[:1], session.cfg.prompt, session.shots)[0]) + 5  # one token a character
+    lines = f"/gen long_prompts=refuse max_prompt_tokens={fits}\n{QUESTIONS[0]}\n{QUESTIONS[0] * 3}\n{QUESTIONS[0]}\n"
+    out = io.StringIO()
+    converse(copy.copy(session), io.StringIO(lines), out, interactive=False)  # the copy takes the /gen change
+    answers = out.getvalue().split("\n")
+    assert len(answers) == 4 and answers[1] == "" and answers[0] == answers[2] != ""  # 3 lines in, 3 out
+    assert "error: " in capsys.readouterr().err
 
 
 class Terminal:

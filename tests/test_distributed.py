@@ -85,7 +85,7 @@ def test_a_slurm_job_of_several_tasks_is_refused_unless_torchrun_runs_it(monkeyp
     for key, value in {**env, "WORLD_SIZE": "4" if torchrun else "1"}.items():
         monkeypatch.setenv(key, value)
     if refused:
-        with pytest.raises(ConfigError, match=r"^hydra.launcher: this job runs as 2 Slurm tasks"):
+        with pytest.raises(ConfigError, match=r"^hydra.launcher: this job runs as 2 slurm tasks"):
             refuse_repeated_slurm_tasks()
     else:
         refuse_repeated_slurm_tasks()

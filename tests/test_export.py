@@ -70,7 +70,8 @@ def test_the_export_loads_with_plain_transformers_and_decodes_as_the_study(tiny_
 
 
 def test_the_generation_config_holds_the_gen_settings(tiny_model_dir, tiny_adapter_dir, tmp_path):
-    _export(tiny_model_dir, tiny_adapter_dir, tmp_path / "run", "gen.max_new_tokens=77")
+    # model.liger=true, as a config that trains on a GPU asks: the merge on the CPU runs without Liger.
+    _export(tiny_model_dir, tiny_adapter_dir, tmp_path / "run", "gen.max_new_tokens=77", "model.liger=true")
     saved = GenerationConfig.from_pretrained(tmp_path / "run" / "model")
     gen = compose_config("gen.max_new_tokens=77").gen  # the report's beam-sampling
     assert (saved.num_beams, saved.do_sample, saved.max_new_tokens) == (gen.beams, True, 77)
@@ -109,6 +110,12 @@ def test_the_card_names_the_base_the_lineage_the_data_and_the_study(tiny_model_d
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"  # export.dtype's default
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
+    assert "Tuned and measured with the `zero_shot` prompt" in card
+
+    # Exported with another prompt than the study's: the card says which one the figures are for.
+    _export(tiny_model_dir, study / "adapter", tmp_path / "few", "prompt=few_shot")
+    other = (tmp_path / "few" / "model" / "README.md").read_text(encoding="utf-8")
+    assert "tuned and measured with the `zero_shot` prompt" in other and "export with `prompt=zero_shot`" in other
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ ran on their own. Fake GPU names stand in for GPUs: the claims are files and CUD
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import uuid
@@ -83,3 +85,32 @@ def test_a_sweep_under_the_gpus_launcher_runs_each_job_on_its_own_gpu(tiny_model
     seen = [read_json(sweep / job / "run.json")["provenance"]["cuda_visible_devices"] for job in ("0", "1")]
     assert sorted(seen) == sorted(names)  # two workers, each with its own GPU
     assert (sweep / "summary.md").exists()
+
+
+def test_the_lock_is_the_physical_gpus_whatever_name_the_job_was_given(monkeypatch):
+    uuids = {"0": f"GPU-{uuid.uuid4()}", "1": f"GPU-{uuid.uuid4()}"}
+    monkeypatch.setattr(gpus, "_nvidia_smi", lambda: uuids)
+    monkeypatch.setattr(gpus, "_claim", {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpus.claim_gpu() == "0"
+    try:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+        other = os.open(gpus.LOCKS / f"{uuids['0']}.lock", os.O_RDONLY)  # named by UUID: another name, same lock
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+    finally:
+        os.close(gpus._claim["fd"])
+
+
+def test_no_lock_to_be_had_runs_the_job_unclaimed_and_says_so(monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(gpus.fcntl, "flock", no_locks)
+    monkeypatch.setattr(gpus, "_claim", {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"fake-{uuid.uuid4().hex[:8]}-0,fake-{uuid.uuid4().hex[:8]}-1")
+    before = os.environ["CUDA_VISIBLE_DEVICES"]
+    assert gpus.claim_gpu() is None
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == before
+    assert "no GPU claimed (OSError" in caplog.text

@@ -5,6 +5,7 @@ of it; tests/test_gpu.py runs the real one against the plain path."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import logging
 import sys
@@ -23,6 +24,8 @@ from adl_llm.errors import ModelError, one_line_error
 from adl_llm.modeling import load_model
 from tests.conftest import compose_config
 
+PLAIN_NORM = modeling_llama.LlamaRMSNorm
+
 
 def _on(device: str, model_type: str = "llama"):
     """A stand-in model whose parameters live on `device`."""
@@ -38,6 +41,7 @@ def fake_liger(monkeypatch):
     def apply_to_instance(model, **kwargs):
         calls.append(kwargs)
         modeling_llama.apply_rotary_pos_emb = "liger rope"
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (PLAIN_NORM,), {})  # what later models would be built of
 
     package = types.ModuleType("liger_kernel")
     package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
@@ -52,6 +56,7 @@ def fake_liger(monkeypatch):
     ]:
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", PLAIN_NORM)
     monkeypatch.setattr(kernels, "_pristine", {})
     return calls
 
@@ -107,3 +112,28 @@ def test_the_setting_is_checked_when_composed():
     with pytest.raises((HydraException, OmegaConfBaseException)) as info:
         compose_config("model.liger=sometimes")
     assert one_line_error(info.value).startswith("model.liger")
+
+
+def test_a_plain_model_after_a_liger_one_is_built_of_transformers_own_classes(tiny_model_dir, monkeypatch, fake_liger):
+    monkeypatch.setattr(kernels, "why_not", lambda model: None)  # as on a GPU with liger-kernel
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.none, dtype=DType.float32)
+    load_model(cfg)
+    assert modeling_llama.LlamaRMSNorm is not PLAIN_NORM  # Liger's class, for whatever is built next
+
+    plain = load_model(dataclasses.replace(cfg, liger=False))
+    assert type(plain.model.norm) is PLAIN_NORM and type(plain.model.layers[0].input_layernorm) is PLAIN_NORM
+
+
+def test_a_liger_failing_part_way_is_one_line_and_the_next_model_is_plain(tiny_model_dir, monkeypatch, fake_liger):
+    def fails_part_way(model, **kwargs):
+        modeling_llama.apply_rotary_pos_emb = "liger rope"
+        raise AssertionError("an architecture this Liger does not know")
+
+    monkeypatch.setattr(sys.modules["liger_kernel.transformers"], "_apply_liger_kernel_to_instance", fails_part_way)
+    monkeypatch.setattr(kernels, "why_not", lambda model: None)
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.none, dtype=DType.float32)
+    with pytest.raises(ModelError, match=r"^model.liger: Liger failed on this llama model .*set model.liger=false$"):
+        load_model(cfg)
+    assert modeling_llama.apply_rotary_pos_emb == "liger rope"  # left by the failed attempt
+    load_model(dataclasses.replace(cfg, liger=False))
+    assert modeling_llama.apply_rotary_pos_emb != "liger rope"
