@@ -145,6 +145,7 @@ class Terminal:
     def __init__(self, *args: str):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its stdin, stdout and stderr are the terminal
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # ^C interrupts, even if this suite runs in the background
             os.chdir(PROJECT_ROOT)
             os.execv(sys.executable, [sys.executable, "-m", "adl_llm.chat", *args])
         self.seen = ""

@@ -251,7 +251,16 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_overrides(tiny_model_dir, "task=train", "train.epochs=50", "train.batch_size=4", "train.save_every=1")
     command = [sys.executable, "-m", "adl_llm.run", *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    # Ctrl-C as at a terminal, even where this suite was started in the background (`make test &`: SIGINT ignored,
+    # and the run would inherit that).
+    proc = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while not list((run_dir / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
