@@ -46,8 +46,7 @@ def apply_liger(model, setting: bool | None) -> bool:
         return True
     if setting is True:
         raise ModelError(f"model.liger=true: {reason}; set model.liger=null to fall back to the plain kernels")
-    if module.__name__ in _pristine:
-        vars(module).update(_pristine[module.__name__])
+    plain_kernels()
     log.info("kernels: transformers' own (%s)", reason)
     return False
 

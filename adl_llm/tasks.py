@@ -67,34 +67,42 @@ def run_task(cfg: Config) -> float | None:
 
 def run_eval(cfg: Config) -> dict:
     """The course perplexity of the model (and adapter) on `data.eval_file`; writes metrics.json."""
-    started = time.perf_counter()
-    with run_folder(cfg) as run:
-        out = run.path
-        records = load_records(cfg.data.eval_file, need_outputs=True, limit=cfg.data.n_eval)
-        shots = load_shots(cfg)
-        if cfg.adapter:
-            check_adapter_folder(cfg.adapter, "adapter")
-        tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
-        examples = encode_for_eval(cfg, tokenizer, records, shots)
-        record_run(cfg, run, tokenizer)
-        model = _model(cfg, adapter=cfg.adapter)
-        return _finish(out, model.device, evaluate_examples(cfg, model, tokenizer, records, examples), started)
+    return _over_eval_file(
+        cfg,
+        need_outputs=True,
+        prepare=encode_for_eval,
+        work=lambda model, tokenizer, records, examples, _out: evaluate_examples(
+            cfg, model, tokenizer, records, examples
+        ),
+    )
 
 
 def run_generate(cfg: Config) -> dict:
     """Decode `data.eval_file` with the gen group's setting; writes predictions.json and metrics.json."""
+    return _over_eval_file(
+        cfg,
+        need_outputs=False,
+        prepare=encode_for_generation,
+        work=lambda model, tokenizer, records, prepared, out: generate_records(
+            cfg, model, tokenizer, records, prepared, out
+        ),
+    )
+
+
+def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work) -> dict:
+    """What eval and generate share, in the order of the module's docstring: read and check the eval records, the
+    shots, the adapter folder and the `prepare`d examples; record the run; only then load the model and `work`."""
     started = time.perf_counter()
     with run_folder(cfg) as run:
-        out = run.path
-        records = load_records(cfg.data.eval_file, need_outputs=False, limit=cfg.data.n_eval)
+        records = load_records(cfg.data.eval_file, need_outputs=need_outputs, limit=cfg.data.n_eval)
         shots = load_shots(cfg)
         if cfg.adapter:
             check_adapter_folder(cfg.adapter, "adapter")
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
-        prepared = encode_for_generation(cfg, tokenizer, records, shots)
+        prepared = prepare(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
         model = _model(cfg, adapter=cfg.adapter)
-        return _finish(out, model.device, generate_records(cfg, model, tokenizer, records, prepared, out), started)
+        return _finish(run.path, model.device, work(model, tokenizer, records, prepared, run.path), started)
 
 
 def run_export(cfg: Config) -> dict:

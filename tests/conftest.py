@@ -120,9 +120,17 @@ def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
 
 def run_entrypoint(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m adl_llm.run ARGS` in a subprocess, as a user would run it."""
+    return run_module("adl_llm.run", *args, env=env, timeout=timeout)
+
+
+def run_module(
+    module: str, *args: str, env: dict | None = None, stdin: str | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess from the project's root, `stdin` piped in, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "adl_llm.run", *args],
+        [sys.executable, "-m", module, *args],
         cwd=PROJECT_ROOT,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

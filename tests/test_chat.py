@@ -22,7 +22,7 @@ from adl_llm.errors import ConfigError, UserError
 from adl_llm.generate import generate_texts
 from adl_llm.prompts import build_prompts
 from adl_llm.streaming import AnswerStream
-from tests.conftest import tiny_overrides
+from tests.conftest import run_module, tiny_overrides
 
 QUESTIONS = ["子曰：學而時習之", "翻譯成白話文：天下大亂", "今天天氣很好"]
 
@@ -99,14 +99,7 @@ def test_gen_commands_are_checked_like_overrides():
 
 
 def _chat(*args, stdin: str, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "adl_llm.chat", *args],
-        cwd=PROJECT_ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("adl_llm.chat", *args, stdin=stdin, timeout=timeout)
 
 
 @pytest.mark.parametrize("mistake,needle", [("gen.beams=0", "gen.beams: must be >= 1"), ("adapter=nope", "adapter")])
