@@ -39,6 +39,7 @@ Training
 Evaluation and decoding
     evaluate.py      the course perplexity, batched                                                    eval
     generate.py      batched decoding, predictions, chrF and BLEU                                      gen
+    decode_path.py   the fast decoding path: NF4 dequantised once, static cache, compiled step           gen
 
 After the study
     export.py        task=export: the adapter merged into its base, one standalone model folder         export, gen

@@ -27,6 +27,9 @@ class GenConfig:
     memory_budget_gb: float
     max_prompt_tokens: int | None
     long_prompts: LongPrompts
+    dequantize: bool | None
+    static_cache: bool | None
+    compile: bool
 
     def __post_init__(self) -> None:
         require_at_least("gen", self, 1, "beams", "max_new_tokens")

@@ -10,6 +10,7 @@ model a decoding step costs about the same for 1 or 500 sequences, so the batch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
+from adl_llm import decode_path
 from adl_llm.artifacts import write_json
 from adl_llm.config import Config, GenConfig, LongPrompts
 from adl_llm.data import Record, by_slice, slice_names
@@ -37,6 +39,7 @@ CPU_BATCH_TOKENS = 4096  # ...unless they are long: at most this many prompt and
 # holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
 LOGIT_COPIES = {"search": 6, "sampling": 10}
 SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
+WARMUP_NEW_TOKENS = 4  # a compiled step is traced on its first call, captured as a CUDA graph on a later one
 
 
 def encode_for_generation(cfg: Config, tokenizer, records: list[Record], shots: list[Record]):
@@ -57,15 +60,20 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
         settings = f"gen.batch_size (now {cfg.gen.batch_size}) or gen.beams"
     else:
         settings = "gen.memory_budget_gb or set gen.batch_size, or lower gen.beams"
+    stats: dict = {}
     with out_of_memory_advice("generation", settings):
-        texts = generate_from_ids(model, tokenizer, encoded, cfg.gen)
-    seconds = time.perf_counter() - started
+        texts = generate_from_ids(model, tokenizer, encoded, cfg.gen, fast=True, stats=stats)
+    wall = time.perf_counter() - started
+    seconds = wall - stats["warmup_seconds"]  # decoding; compiling and capturing the step is counted apart
     if is_main():
         write_json(out / "predictions.json", [{"id": r.id, "output": text} for r, text in zip(records, texts)])
     metrics = {
         "gen/n_examples": len(records),
         "gen/n_prompts_cut": len(cut),
         "gen/seconds": seconds,
+        "gen/warmup_seconds": stats["warmup_seconds"],
+        "gen/wall_seconds": wall,
+        "gen/path": stats["path"],
         "gen/examples_per_s": len(records) / seconds,
         "gen/new_tokens_per_s": count_new_tokens(tokenizer, texts) / seconds,
         "gen/setting": dataclasses.asdict(cfg.gen),
@@ -79,7 +87,14 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
                 hypotheses, refs = (list(side) for side in zip(*group))
                 metrics |= {f"{key}/{name}": value for key, value in translation_scores(hypotheses, refs).items()}
                 metrics[f"gen/n_examples/{name}"] = len(group)
-    log.info("generated %d answers in %.1f s (%.2f examples/s)", len(records), seconds, len(records) / seconds)
+    log.info(
+        "generated %d answers in %.1f s (%.2f examples/s; path %s, %.1f s warm-up)",
+        len(records),
+        seconds,
+        len(records) / seconds,
+        stats["path"],
+        stats["warmup_seconds"],
+    )
     return metrics
 
 
@@ -110,9 +125,10 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     return max(1, int(SAFETY * room / per_sequence) // gen.beams)
 
 
-def pad_left(rows: Sequence[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and their attention mask: every prompt ends at the last column, where decoding starts."""
-    width = max(len(row) for row in rows)
+def pad_left(rows: Sequence[list[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their attention mask, `width` columns (default: the longest row's): every prompt ends at
+    the last column, where decoding starts."""
+    width = max([width or 0, *(len(row) for row in rows)])
     ids = torch.tensor([[value] * (width - len(row)) + row for row in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
     return ids, mask
@@ -157,39 +173,94 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, 
 
 @torch.no_grad()
 def generate_from_ids(
-    model, tokenizer, encoded: list[list[int]], gen: GenConfig, *, progress: bool = True
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    gen: GenConfig,
+    *,
+    progress: bool = True,
+    fast: bool = False,
+    stats: dict | None = None,
 ) -> list[str]:
-    """One decoded answer per encoded prompt, in their order; batches sized by the longest prompt in each."""
-    device = next(model.parameters()).device
+    """One decoded answer per encoded prompt, in their order. `fast`: the decode path of decode_path.py (a batch
+    job's; a chat's prompts come one at a time), whose warm-up (compiling) seconds and path go into `stats`."""
     # Longest first: little padding per batch, and an out-of-memory shows in the first batch, not the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    settings = generation_config(gen, tokenizer)
+    stats = {} if stats is None else stats
     stops = stop_criterion(tokenizer, gen.stop_strings)
+    with decode_path.fast_path(model, gen) if fast else contextlib.nullcontext(decode_path.PLAIN) as path:
+        stats.update(path=path.describe(), warmup_seconds=0.0)
+        by_index = map_in_order(order, _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress))
+    return [by_index[i] for i in range(len(encoded))]
+
+
+def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress):
+    """The decoding of one share of the prompts (under torchrun each rank decodes one), on `path`, or where a
+    static cache or a compiled step fails, on the plain path (with the weights as `path` has them)."""
 
     def work(share: list[int]) -> list[str]:
-        texts: list[str] = []
-        bar = tqdm(
-            total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main()
-        )
-        start = 0
-        while start < len(share):
-            batch = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]))]
-            start += len(batch)
-            ids, mask = pad_left([encoded[i] for i in batch], tokenizer.pad_token_id)
+        nonlocal path
+        try:
+            return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
+        except (torch.OutOfMemoryError, UserError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if not path.static_cache:
+                raise
+            log.warning(
+                "decoding with a %s failed (%s: %s); decoding again on the plain path (gen.static_cache=false "
+                "gen.compile=false skip the attempt)",
+                "compiled step" if path.compile else "static cache",
+                type(err).__name__,
+                str(err).strip().splitlines()[0][:200] if str(err).strip() else "",
+            )
+            path = dataclasses.replace(path, static_cache=False, compile=False)
+            stats["path"] = path.describe()
+            return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
+
+    return work
+
+
+def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress) -> list[str]:
+    """The answers of `share` (prompt indices, longest first) in its order, batch by batch on `path`."""
+    device = next(model.parameters()).device
+    width = decode_path.bucket(len(encoded[share[0]])) if path.static_cache else None
+    # one cache length for every batch, the warm-up's too
+    fast = decode_path.generation_settings(path, width, gen.max_new_tokens) if path.static_cache else {}
+    settings = generation_config(gen, tokenizer, **fast)
+
+    def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
+        ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
+        with decode_path.compiled(model, path):
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=settings,
                 stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
             )
-            decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-            texts.extend(cut_at_stop(text, gen.stop_strings) for text in decoded)
-            bar.update(len(ids))
-        bar.close()
-        return texts
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [cut_at_stop(text, gen.stop_strings) for text in decoded]
 
-    by_index = map_in_order(order, work)  # under torchrun each rank decodes a share
-    return [by_index[i] for i in range(len(encoded))]
+    fixed = decode_path.fixed_batches(share, prompts_per_batch(model, gen, width)) if path.static_cache else None
+    if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
+        started = time.perf_counter()
+        warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
+        run(fixed[0][0], generation_config(warm, tokenizer, **fast))
+        stats["warmup_seconds"] += time.perf_counter() - started
+    texts: list[str] = []
+    bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())
+    start = 0
+    while start < len(share):
+        if fixed:
+            rows, real = fixed.pop(0)
+        else:
+            rows = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]))]
+            real = len(rows)
+        start += real
+        texts.extend(run(rows)[:real])
+        bar.update(real)
+    bar.close()
+    return texts
 
 
 def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:

@@ -1,4 +1,5 @@
-"""bitsandbytes' NF4 layers: training over a dequantised copy of a small base, and the workarounds they need.
+"""bitsandbytes' NF4 layers: training (and decoding) over a dequantised copy of a small base, and the workarounds
+they need.
 
 bitsandbytes multiplies by an NF4 weight by dequantising it to the compute dtype and calling a plain matmul, and
 does so again for the input gradient of the backward pass: two dequantisations and two autograd hops of Python
@@ -71,7 +72,7 @@ def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Ite
     try:
         for layer in layers:
             layer.forward = _DequantizedForward(layer)
-        log.info("NF4 base dequantised once for training (%.2f GiB of %s)", size / GIB, dtype)
+        log.info("NF4 base dequantised once for this run (%.2f GiB of %s)", size / GIB, dtype)
         yield True
     finally:  # also after an error, or a copy that ran out of memory half-way
         for layer in layers:

@@ -8,6 +8,7 @@ Each returns its metrics; `OBJECTIVES` names the one a sweeper optimises, the sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -86,10 +87,11 @@ def run_generate(cfg: Config) -> dict:
         work=lambda model, tokenizer, records, prepared, out: generate_records(
             cfg, model, tokenizer, records, prepared, out
         ),
+        decoding=True,
     )
 
 
-def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work) -> dict:
+def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work, decoding: bool = False) -> dict:
     """What eval and generate share, in the order of the module's docstring: read and check the eval records, the
     shots, the adapter folder and the `prepare`d examples; record the run; only then load the model and `work`."""
     started = time.perf_counter()
@@ -101,7 +103,8 @@ def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work) -> dict:
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         prepared = prepare(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
-        model = _model(cfg, adapter=cfg.adapter)
+        compiled = decoding and cfg.gen.compile and cfg.model.liger is None
+        model = _model(cfg, adapter=cfg.adapter, liger=False if compiled else None)
         return _finish(run.path, model.device, work(model, tokenizer, records, prepared, run.path), started)
 
 
@@ -218,8 +221,11 @@ def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: lis
     return examples
 
 
-def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False):
-    model = load_model(cfg.model)
+def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False, liger: bool | None = None):
+    """The base model (and adapter). `liger=False` where model.liger is null and gen.compile is on: inductor fuses
+    what Liger's kernels would, and those would break the compiled graph at every layer."""
+    model_cfg = cfg.model if liger is None else dataclasses.replace(cfg.model, liger=liger)
+    model = load_model(model_cfg)
     return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
 
 

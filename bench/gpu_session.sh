@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh bench7b_train          # a random-weight Llama-2-7B shape: training against TRL
 #   bash bench/gpu_session.sh bench7b                # the 7B shape: perplexity and generation too
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
+#   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
+#   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
 #   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
 #   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
@@ -51,8 +53,8 @@ ersion as V; assert V(transformers.__version__) >= V(f), f'transformers {transfo
 }
 
 gpu_tests() {  # the tests that need a GPU, on the embedded model
-  CUDA_VISIBLE_DEVICES=$GPU $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$KEEP/gpu_tests.log" \
-    | tail -n 15
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py "$@" 2>&1 \
+    | tee "$KEEP/gpu_tests.log" | tail -n 15 || true  # a failure is in the log; the parts after it still run
 }
 
 reproduce() {  # the chain, the curve, the comparison and the beam sweep
@@ -150,6 +152,41 @@ sweep_gpus() {
   grep -h '"cuda_visible_devices"' "$KEEP"/sweep/two-gpus/*/run.json | sort | uniq -c | tee -a "$KEEP/sweep.txt"
   rm -rf "$KEEP"/sweep/*/*/adapter "$KEEP"/sweep/*/*/checkpoints
   cat "$KEEP/sweep/one-gpu/summary.md" "$KEEP/sweep/two-gpus/summary.md"
+}
+
+# Decoding (issue 19): the chain's adapter (ADAPTER, default the one staged with the model) on the 250 public-test
+# prompts, each setting on the fast path and on today's (gen.dequantize/static_cache/compile=false), one command a
+# folder with its wall time; greedy also with each piece of the fast path alone.
+PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false)
+decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
+  local name=$1 started
+  shift
+  mkdir -p "$KEEP/decode/$name"
+  started=$(date +%s%N)
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run "$@" hydra.run.dir="$KEEP/decode/$name" hydra.sweep.dir="$KEEP/decode/$name" \
+    > "$KEEP/decode-$name.log" 2>&1 || tail -n 20 "$KEEP/decode-$name.log"
+  echo $((($(date +%s%N) - started) / 1000000)) > "$KEEP/decode/$name/wall_ms.txt"
+}
+decode() {
+  local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
+  decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5
+  decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
+  decode_run greedy-fast "${a[@]}" gen=greedy
+  decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
+  decode_run greedy-dequantize "${a[@]}" gen=greedy gen.static_cache=false gen.compile=false
+  decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.compile=false
+  decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false
+  $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
+}
+
+decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams 5 with the report's sampling
+  llama7b
+  test -d "$KEEP/adapter7b/adapter" || CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run "${DDP7B[@]}" train.max_steps=1 \
+    data.n_train=16 data.n_eval=4 hydra.run.dir="$KEEP/adapter7b" > "$KEEP/adapter7b.log" 2>&1 || tail -n 20 "$KEEP/adapter7b.log"
+  local a=(task=generate model.name_or_path=/tmp/llama7b adapter="$KEEP/adapter7b/adapter" data.n_eval="${N7B:-50}" gen.beams=5)
+  KEEP=$KEEP/d7 decode_run beams5-fast "${a[@]}"
+  KEEP=$KEEP/d7 decode_run beams5-plain "${a[@]}" "${PLAIN[@]}"
+  $PY -m bench.decode_table "$KEEP/d7/decode" | tee "$KEEP/decode7b.md"
 }
 
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop

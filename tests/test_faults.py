@@ -204,7 +204,7 @@ def test_a_long_prompt_is_cut_from_the_left_counted_and_decoded_alone(tiny_model
     batches = []
     real_pad_left = generate.pad_left
     monkeypatch.setattr(
-        generate, "pad_left", lambda rows, value: batches.append(len(rows)) or real_pad_left(rows, value)
+        generate, "pad_left", lambda rows, *rest: batches.append(len(rows)) or real_pad_left(rows, *rest)
     )
     overrides = (f"data.eval_file={path}", "gen=greedy", "gen.max_new_tokens=4", "gen.max_prompt_tokens=3000")
     metrics = tasks.run_generate(_cfg(tiny_model_dir, tmp_path / "run", *overrides))

@@ -82,3 +82,23 @@ def test_liger_kernels_train_as_the_plain_path_does(embedded, tmp_path):
     assert float(liger) == pytest.approx(float(own), rel=5e-3)
     # Built after a Liger model in the same process, the plain one holds none of Liger's classes.
     assert not [m for m in plain_model.modules() if type(m).__module__.startswith("liger_kernel")]
+
+
+def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(embedded):
+    """A generate job's default path on a GPU: the NF4 weights dequantised once; the same text as bitsandbytes' own
+    path for nearly every prompt (its fused 4-bit kernel rounds differently, which may flip a near tie)."""
+    from adl_llm.generate import encode_prompts, generate_from_ids
+    from adl_llm.nf4 import nf4_layers
+
+    source, tokenizer, _ = embedded
+    model = load_model(ModelConfig(name_or_path=source))
+    records = load_records(compose_config().data.eval_file, need_outputs=True, limit=24)
+    encoded = encode_prompts(tokenizer, build_prompts([r.instruction for r in records], compose_config().prompt))
+    for gen_option in ("greedy", "beam3"):
+        gen = compose_config(f"gen={gen_option}", "gen.max_new_tokens=32", "gen.batch_size=8").gen
+        plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+        stats: dict = {}
+        fast = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
+        assert stats["path"] == "dequantize"
+        assert sum(a == b for a, b in zip(plain, fast)) >= 0.8 * len(encoded)
+    assert all("forward" not in vars(layer) for layer in nf4_layers(model))

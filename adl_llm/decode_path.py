@@ -1,0 +1,134 @@
+"""The fast decoding path of a batch job: NF4 weights dequantised once, a static KV cache, a compiled decode step.
+
+A decoding step of a small model is bound by kernel launches and Python, not by the card (the 270M reads its 0.5
+GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job and logged:
+
+- **dequantise** (`gen.dequantize`, null: on a GPU): bitsandbytes runs its fused 4-bit GEMM on every step. Where the
+  dequantised weights take at most a quarter of `gen.memory_budget_gb`, they are dequantised once for the job
+  (nf4.py, the copy training uses): the same weights, plain matmuls, the adapter unmerged. On an H200, greedy
+  decoding of the 250 test prompts: 1.25x, 244 of 250 answers the same text (docs/BENCHMARKS.md).
+- **static cache** (`gen.static_cache`, null: with `gen.compile`): transformers' StaticCache, one shape for the whole
+  job: its batches are cut to one size and padded to one width, so a compiled step is reused, not recompiled.
+  Alone, 1.16x on that greedy run.
+- **compile** (`gen.compile`, false unless asked): the model's forward compiled by `torch.compile` (mode
+  reduce-overhead: CUDA graphs on a GPU), for greedy, sampling and beam search alike. The first batch is decoded a
+  few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). It gives the plain path's text on a
+  CPU; on an H200 (torch 2.11, transformers 5.24) the process crashed after compiling, so it is not on by default.
+
+Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
+back to the plain path with a warning naming the setting, and the batch is decoded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from adl_llm.config import GenConfig
+from adl_llm.memory import memory_limit
+from adl_llm.nf4 import dequantized_base
+
+log = logging.getLogger(__name__)
+
+WIDTH_MULTIPLE = 64  # prompt widths of a static-cache job are rounded up to this
+COMPILE_MODE = "reduce-overhead"  # CUDA graphs of the decode step; a CPU compiles with mode "default"
+
+
+@dataclasses.dataclass
+class DecodePath:
+    dequantize: bool
+    static_cache: bool
+    compile: bool
+
+    def describe(self) -> str:
+        pieces = [name for name, on in dataclasses.asdict(self).items() if on]
+        return "+".join(pieces) if pieces else "plain"
+
+
+PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False)
+
+
+@contextlib.contextmanager
+def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
+    """Within: the path of a decoding job as `gen` sets it (the module's docstring), the NF4 weights dequantised
+    while it lasts (nf4.dequantized_base, the training run's copy)."""
+    base = _base(model)
+    on_gpu = base.device.type == "cuda"
+    static = gen.static_cache if gen.static_cache is not None else gen.compile
+    compiled = gen.compile
+    if compiled and not static:
+        log.info("gen.compile: off, because gen.static_cache=false (a compiled step needs the cache's fixed shape)")
+        compiled = False
+    if compiled and on_gpu:
+        log.warning(
+            "gen.compile=true: experimental on a GPU (on an H200 with torch 2.11 it crashed once, docs/BENCHMARKS.md)"
+        )
+    # On a CPU, bitsandbytes may repack NF4 weights for its own kernel: there the copy is made only when asked.
+    dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
+    limit = memory_limit(gen.memory_budget_gb, base.device)
+    with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
+        if gen.dequantize and not dequantized:
+            log.info("gen.dequantize: the model has no NF4 layers bitsandbytes runs as loaded; nothing dequantised")
+        path = DecodePath(dequantize=dequantized, static_cache=static, compile=compiled)
+        log.info("decoding path: %s", path.describe())
+        yield path
+
+
+def generation_settings(path: DecodePath, width: int, max_new_tokens: int) -> dict:
+    """The GenerationConfig keys of a static-cache path: one cache length for every batch of the job."""
+    # transformers would compile the step of a static cache by itself, but only when sampling or greedy (not in beam
+    # search) and never for a bitsandbytes model: compiled() does it for every setting instead.
+    return {"cache_implementation": "static", "max_cache_len": width + max_new_tokens, "disable_compile": True}
+
+
+@contextlib.contextmanager
+def compiled(model, path: DecodePath) -> Iterator[None]:
+    """Within: the model's forward is compiled (once per model; a fixed shape gives one graph for the prompt pass
+    and one for the decode step), in CUDA graphs on a GPU."""
+    base = _base(model)
+    if not path.compile:
+        yield
+        return
+    step = getattr(base, "_adl_llm_compiled_forward", None)
+    if step is None:
+        mode = COMPILE_MODE if base.device.type == "cuda" else "default"
+        forward = torch.compile(base.forward, mode=mode, dynamic=False)
+
+        def step(*args, **kwargs):
+            # Each call is a new step for the CUDA graphs: the last call's outputs (logits, already copied by
+            # generate) may be overwritten, which torch otherwise refuses across graph breaks.
+            torch.compiler.cudagraph_mark_step_begin()
+            return forward(*args, **kwargs)
+
+        base._adl_llm_compiled_forward = step
+    own = base.__dict__.get("forward")  # an instance's own forward (a hook's), put back after
+    base.forward = step
+    try:
+        yield
+    finally:
+        if own is None:
+            del base.forward
+        else:
+            base.forward = own
+
+
+def fixed_batches(order: list[int], cap: int) -> list[tuple[list[int], int]]:
+    """`order` cut into batches of one size (at most `cap`), as (rows, how many are real): the last is filled up
+    with repeats of its last row, so a static cache and a compiled step see one shape; the repeats are dropped."""
+    count = -(-len(order) // cap)
+    size = -(-len(order) // count)
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    return [(rows + [rows[-1]] * (size - len(rows)), len(rows)) for rows in batches]
+
+
+def bucket(width: int) -> int:
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

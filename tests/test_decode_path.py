@@ -1,0 +1,141 @@
+"""The fast decoding path on a CPU: its choices, one batch shape, the same text as the plain path, the fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adl_llm import decode_path
+from adl_llm.config import DType, GenConfig, ModelConfig, Quant
+from adl_llm.generate import encode_prompts, generate_from_ids
+from adl_llm.modeling import load_model
+from adl_llm.nf4 import nf4_layers
+from tests.conftest import compose_config, read_json, tiny_overrides
+
+PROMPTS = [
+    "USER: 子曰 ASSISTANT:",
+    "USER: 短 ASSISTANT:",
+    "USER: 這是一個很長很長的問題，請翻譯成文言文 ASSISTANT:",
+] * 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, encode_prompts(tokenizer, PROMPTS)
+
+
+def _gen(**settings) -> GenConfig:
+    return GenConfig(**{"beams": 1, "do_sample": False, "max_new_tokens": 8, "stop_strings": ["USER:"], **settings})
+
+
+def test_batches_of_one_size_cover_every_prompt_once():
+    order = list(range(10))
+    batches = decode_path.fixed_batches(order, 4)
+    assert [len(rows) for rows, _ in batches] == [4, 4, 4]  # 3 batches of 4, not 4 + 4 + 2
+    assert [real for _, real in batches] == [4, 4, 2]
+    assert [i for rows, real in batches for i in rows[:real]] == order
+    assert batches[-1][0][2:] == [9, 9]  # filled up with the last prompt, whose repeats are dropped
+    assert decode_path.fixed_batches([3], 8) == [([3], 1)]
+    assert decode_path.bucket(1) == decode_path.bucket(64) == 64 and decode_path.bucket(65) == 128
+
+
+def test_on_a_cpu_the_plain_path_is_the_default(tiny, caplog):
+    model, _, _ = tiny
+    with decode_path.fast_path(model, _gen()) as path:
+        assert path == decode_path.PLAIN
+    with decode_path.fast_path(model, _gen(compile=True)) as path:
+        assert path.static_cache and path.compile  # compiling needs the static cache: asked for it, it comes with
+    with decode_path.fast_path(model, _gen(static_cache=True)) as path:
+        assert path.static_cache and not path.compile
+    with caplog.at_level(logging.INFO), decode_path.fast_path(model, _gen(compile=True, static_cache=False)) as path:
+        assert not path.compile
+    assert "gen.static_cache=false" in caplog.text
+    with caplog.at_level(logging.INFO), decode_path.fast_path(model, _gen(dequantize=True)) as path:
+        assert not path.dequantize  # a plain model has nothing to dequantise
+    assert "no NF4 layers" in caplog.text
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_static_cache_decodes_the_text_of_the_plain_path(tiny, beams):
+    model, tokenizer, encoded = tiny
+    gen = _gen(beams=beams, batch_size=4)  # 6 prompts: two batches of 3 on the fast path, 4 + 2 on the plain one
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    stats: dict = {}
+    fast = generate_from_ids(
+        model, tokenizer, encoded, dataclasses.replace(gen, static_cache=True), progress=False, fast=True, stats=stats
+    )
+    assert fast == plain and all(plain)
+    assert stats == {"path": "static_cache", "warmup_seconds": 0.0}
+
+
+def test_a_failing_fast_path_falls_back_to_the_plain_one(tiny, monkeypatch, caplog):
+    model, tokenizer, encoded = tiny
+    gen = _gen(batch_size=4)
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+
+    def no_static_cache(*args, **kwargs):
+        raise RuntimeError("this architecture has no static cache\nsecond line")
+
+    monkeypatch.setattr(decode_path, "generation_settings", no_static_cache)
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING):
+        fast = generate_from_ids(
+            model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True, stats=stats
+        )
+    assert fast == plain and stats["path"] == "plain"
+    assert "compiled step failed (RuntimeError: this architecture has no static cache)" in caplog.text
+    assert "second line" not in caplog.text
+
+
+def test_an_out_of_memory_is_not_hidden_by_the_fallback(tiny, monkeypatch):
+    model, tokenizer, encoded = tiny
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decode_path, "generation_settings", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate_from_ids(model, tokenizer, encoded, _gen(static_cache=True), progress=False, fast=True)
+
+
+def test_nf4_weights_dequantised_for_decoding_are_put_back(tiny_model_dir, tiny):
+    _, tokenizer, encoded = tiny
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.float32))
+    gen = _gen(batch_size=3)
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    stats: dict = {}
+    fast = generate_from_ids(
+        model, tokenizer, encoded, dataclasses.replace(gen, dequantize=True), progress=False, fast=True, stats=stats
+    )
+    assert stats["path"] == "dequantize" and fast == plain
+    assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' own layers again
+
+
+@pytest.mark.slow
+def test_a_compiled_step_decodes_the_text_of_the_plain_path(tiny):
+    """torch.compile on a CPU (mode default: CUDA graphs are the GPU's); about half a minute the first time."""
+    model, tokenizer, encoded = tiny
+    gen = _gen(beams=3, batch_size=4)
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    stats: dict = {}
+    fast = generate_from_ids(
+        model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True, stats=stats
+    )
+    assert fast == plain and stats["path"] == "static_cache+compile" and stats["warmup_seconds"] > 0
+
+
+def test_the_generate_task_records_its_path_and_warm_up(tiny_model_dir, tmp_path):
+    from adl_llm.tasks import run_generate
+
+    overrides = tiny_overrides(
+        tiny_model_dir, "task=generate", "gen=greedy", "gen.max_new_tokens=6", "gen.static_cache=true"
+    )
+    metrics = run_generate(compose_config(*overrides, output_dir=tmp_path))
+    assert metrics["gen/path"] == "static_cache" and metrics["gen/warmup_seconds"] == 0.0
+    assert metrics["gen/wall_seconds"] >= metrics["gen/seconds"] > 0
+    assert read_json(tmp_path / "metrics.json")["gen/path"] == "static_cache"
