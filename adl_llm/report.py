@@ -31,6 +31,8 @@ COLUMNS = [
     ("bleu", "gen/bleu", "{:.2f}"),
     ("ex_s", "gen/examples_per_s", "{:.2f}"),
     ("new_tok_s", "gen/new_tokens_per_s", "{:.0f}"),
+    ("decode_path", "gen/path", "{}"),
+    ("warmup_s", "gen/warmup_seconds", "{:.1f}"),
     ("peak_gpu_gib", "run/peak_gpu_alloc_gib", "{:.2f}"),
     ("reserved_gib", "run/peak_gpu_reserved_gib", "{:.2f}"),
     ("peak_rss_gib", "run/peak_rss_gib", "{:.2f}"),
