@@ -10,10 +10,11 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
 - **static cache** (`gen.static_cache`, null: with `gen.compile`): transformers' StaticCache, one shape for the whole
   job: its batches are cut to one size and padded to one width, so a compiled step is reused, not recompiled.
   Alone, 1.16x on that greedy run.
-- **compile** (`gen.compile`, false unless asked): the model's forward compiled by `torch.compile` (mode
-  reduce-overhead: CUDA graphs on a GPU), for greedy, sampling and beam search alike. The first batch is decoded a
-  few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). It gives the plain path's text on a
-  CPU; on an H200 (torch 2.11, transformers 5.24) the process crashed after compiling, so it is not on by default.
+- **compile** (`gen.compile`, false unless asked): the decode step compiled by `torch.compile` (mode
+  reduce-overhead: CUDA graphs on a GPU), for greedy, sampling and beam search alike; the prompt pass stays eager.
+  The first batch is decoded a few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). It
+  gives the plain path's text on a CPU. On an H200 a first version, which compiled the prompt pass too, crashed
+  (pytorch/pytorch#192748); this one is not measured there yet, so it is not on by default.
 
 Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
 back to the plain path with a warning naming the setting, and the batch is decoded again.
@@ -65,7 +66,7 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         compiled = False
     if compiled and on_gpu:
         log.warning(
-            "gen.compile=true: experimental on a GPU (on an H200 with torch 2.11 it crashed once, docs/BENCHMARKS.md)"
+            "gen.compile=true: experimental on a GPU (a first version crashed on an H200, docs/BENCHMARKS.md)"
         )
     # On a CPU, bitsandbytes may repack NF4 weights for its own kernel: there the copy is made only when asked.
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
@@ -87,8 +88,8 @@ def generation_settings(path: DecodePath, width: int, max_new_tokens: int) -> di
 
 @contextlib.contextmanager
 def compiled(model, path: DecodePath) -> Iterator[None]:
-    """Within: the model's forward is compiled (once per model; a fixed shape gives one graph for the prompt pass
-    and one for the decode step), in CUDA graphs on a GPU."""
+    """Within: the model's decode step is compiled (once per model; a fixed shape gives one graph), in CUDA graphs
+    on a GPU; the prompt pass stays eager, as transformers' own compiled generation keeps it."""
     base = _base(model)
     if not path.compile:
         yield
@@ -96,13 +97,20 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
     step = getattr(base, "_adl_llm_compiled_forward", None)
     if step is None:
         mode = COMPILE_MODE if base.device.type == "cuda" else "default"
-        forward = torch.compile(base.forward, mode=mode, dynamic=False)
+        eager = base.forward
+        compiled_forward = torch.compile(eager, mode=mode, dynamic=False)
 
         def step(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is None or ids.shape[-1] != 1:
+                # The prompt pass runs eagerly: the static cache allocates its buffers there, and marks them as
+                # fixed addresses only outside a compiled region; a buffer allocated inside a CUDA-graphed region
+                # and passed back mutated crashes the process (pytorch/pytorch#192748, seen on an H200).
+                return eager(*args, **kwargs)
             # Each call is a new step for the CUDA graphs: the last call's outputs (logits, already copied by
-            # generate) may be overwritten, which torch otherwise refuses across graph breaks.
+            # generate) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
-            return forward(*args, **kwargs)
+            return compiled_forward(*args, **kwargs)
 
         base._adl_llm_compiled_forward = step
     own = base.__dict__.get("forward")  # an instance's own forward (a hook's), put back after

@@ -116,6 +116,34 @@ def test_nf4_weights_dequantised_for_decoding_are_put_back(tiny_model_dir, tiny)
     assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' own layers again
 
 
+def test_only_the_decode_step_is_compiled(tiny, monkeypatch):
+    """The prompt pass stays eager: there the static cache allocates its buffers, which must not happen inside a
+    CUDA-graphed region (pytorch/pytorch#192748)."""
+    model, tokenizer, encoded = tiny
+    widths, compile_settings = [], []
+
+    def fake_compile(forward, **settings):
+        compile_settings.append(settings)
+
+        def traced(*args, **kwargs):
+            widths.append(kwargs["input_ids"].shape[-1])
+            return forward(*args, **kwargs)
+
+        return traced
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(model, "_adl_llm_compiled_forward", None, raising=False)  # put back after the test
+    gen = _gen(beams=3, batch_size=4)
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    fast = generate_from_ids(
+        model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True
+    )
+    assert fast == plain
+    assert compile_settings == [{"mode": "default", "dynamic": False}]  # once per model; CUDA graphs only on a GPU
+    assert widths and set(widths) == {1}
+    assert "forward" not in vars(model)  # the model's own forward again
+
+
 @pytest.mark.slow
 def test_a_compiled_step_decodes_the_text_of_the_plain_path(tiny):
     """torch.compile on a CPU (mode default: CUDA graphs are the GPU's); about half a minute the first time."""

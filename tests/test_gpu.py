@@ -102,3 +102,20 @@ def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(emb
         assert stats["path"] == "dequantize"
         assert sum(a == b for a, b in zip(plain, fast)) >= 0.8 * len(encoded)
     assert all("forward" not in vars(layer) for layer in nf4_layers(model))
+
+
+def test_the_compiled_decoding_path_decodes_as_the_plain_path(embedded):
+    """gen.compile: the decode step in CUDA graphs over a static cache, greedy and beam search, no fallback taken."""
+    from adl_llm.generate import encode_prompts, generate_from_ids
+
+    source, tokenizer, _ = embedded
+    model = load_model(ModelConfig(name_or_path=source, liger=False))
+    records = load_records(compose_config().data.eval_file, need_outputs=True, limit=24)
+    encoded = encode_prompts(tokenizer, build_prompts([r.instruction for r in records], compose_config().prompt))
+    for gen_option in ("greedy", "beam3"):
+        gen = compose_config(f"gen={gen_option}", "gen.max_new_tokens=32", "gen.batch_size=8", "gen.compile=true").gen
+        plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+        stats: dict = {}
+        fast = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
+        assert stats["path"] == "dequantize+static_cache+compile" and stats["warmup_seconds"] > 0
+        assert sum(a == b for a, b in zip(plain, fast)) >= 0.8 * len(encoded)
