@@ -155,8 +155,9 @@ sweep_gpus() {
 }
 
 # Decoding (issue 19): the chain's adapter (ADAPTER, default the one staged with the model) on the 250 public-test
-# prompts, each setting on the fast path and on today's (gen.dequantize/static_cache/compile=false), one command a
-# folder with its wall time; greedy also with each piece of the fast path alone.
+# prompts, each setting with every piece of the fast path (gen.compile=true) and on the plain path
+# (gen.dequantize/static_cache/compile=false), one command a folder with its wall time; greedy also with each piece
+# alone.
 PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false)
 decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
   local name=$1 started
@@ -169,13 +170,13 @@ decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
 }
 decode() {
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
-  decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5
+  decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
-  decode_run greedy-fast "${a[@]}" gen=greedy
+  decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
   decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
-  decode_run greedy-dequantize "${a[@]}" gen=greedy gen.static_cache=false gen.compile=false
-  decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.compile=false
-  decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false
+  decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path
+  decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
+  decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 
@@ -184,7 +185,7 @@ decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams
   test -d "$KEEP/adapter7b/adapter" || CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run "${DDP7B[@]}" train.max_steps=1 \
     data.n_train=16 data.n_eval=4 hydra.run.dir="$KEEP/adapter7b" > "$KEEP/adapter7b.log" 2>&1 || tail -n 20 "$KEEP/adapter7b.log"
   local a=(task=generate model.name_or_path=/tmp/llama7b adapter="$KEEP/adapter7b/adapter" data.n_eval="${N7B:-50}" gen.beams=5)
-  KEEP=$KEEP/d7 decode_run beams5-fast "${a[@]}"
+  KEEP=$KEEP/d7 decode_run beams5-fast "${a[@]}" gen.compile=true
   KEEP=$KEEP/d7 decode_run beams5-plain "${a[@]}" "${PLAIN[@]}"
   $PY -m bench.decode_table "$KEEP/d7/decode" | tee "$KEEP/decode7b.md"
 }
