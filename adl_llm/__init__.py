@@ -38,8 +38,9 @@ Training
 
 Evaluation and decoding
     evaluate.py      the course perplexity, batched                                                    eval
-    generate.py      batched decoding, predictions, chrF and BLEU                                      gen
-    decode_path.py   the fast decoding path: NF4 dequantised once, static cache, compiled step           gen
+    generate.py      task=generate: predictions, chrF and BLEU                                         gen
+    decoding.py      batched decoding: batch sizes from memory, left padding, stop strings             gen
+    decode_path.py   the fast decoding path: NF4 dequantised once, static cache, compiled step         gen
 
 After the study
     export.py        task=export: the adapter merged into its base, one standalone model folder         export, gen

@@ -97,7 +97,8 @@ class Session:
         import torch
         from transformers import StoppingCriteriaList
 
-        from adl_llm.generate import encode_prompts, fit_prompts, generate_from_ids, generation_config, stop_criterion
+        from adl_llm.decoding import encode_prompts, generate_from_ids, generation_config, stop_criterion
+        from adl_llm.generate import fit_prompts
         from adl_llm.prompts import build_prompts
         from adl_llm.streaming import AnswerStream
 

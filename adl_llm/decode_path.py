@@ -31,7 +31,7 @@ import torch
 
 from adl_llm.config import GenConfig
 from adl_llm.memory import memory_limit
-from adl_llm.nf4 import dequantized_base
+from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         log.info("gen.compile: off, because gen.static_cache=false (a compiled step needs the cache's fixed shape)")
         compiled = False
     if compiled and on_gpu:
-        log.warning(
-            "gen.compile=true: experimental on a GPU (a first version crashed on an H200, docs/BENCHMARKS.md)"
-        )
-    # On a CPU, bitsandbytes may repack NF4 weights for its own kernel: there the copy is made only when asked.
+        log.warning("gen.compile=true: experimental on a GPU (a first version crashed on an H200, docs/BENCHMARKS.md)")
+    # On a CPU, bitsandbytes may repack NF4 weights for its own kernel: there the copy is made only when asked, and
+    # from the weights unpacked again (a pipeline has scored, and so repacked them, before it decodes).
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
+    if dequantize and not on_gpu:
+        restore_cpu_nf4_training_path(model)
     limit = memory_limit(gen.memory_budget_gb, base.device)
     with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
         if gen.dequantize and not dequantized:

@@ -25,8 +25,8 @@ import torch
 
 from adl_llm.artifacts import provenance, replace_dir, write_json, write_text
 from adl_llm.config import Config, DType, Quant
+from adl_llm.decoding import generation_config
 from adl_llm.errors import ResourceError, UserError
-from adl_llm.generate import generation_config
 from adl_llm.memory import GIB
 from adl_llm.model_card import model_card
 from adl_llm.modeling import load_adapter, load_model

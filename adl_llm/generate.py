@@ -1,45 +1,25 @@
-"""Batched decoding: prompts sorted by length, left-padded, cut where the model starts a new turn or example.
-
-Each prompt is `[BOS] + tok(prompt)`, exactly the prefix the course perplexity scores the answer after. A
-generation ends at EOS, at `gen.max_new_tokens`, or at the first stop string (`USER:` or a newline by default:
-3-shot outputs otherwise go on to invent a fourth numbered question); the text from the stop string on is cut.
-
-A batch holds as many prompts as fit in `gen.memory_budget_gb` (unless `gen.batch_size` is set): for a small
-model a decoding step costs about the same for 1 or 500 sequences, so the batch size is the speed-up.
-"""
+"""task=generate: the eval file's prompts (fitted to gen.max_prompt_tokens) decoded by decoding.py, written as
+predictions.json, scored with chrF and BLEU where the file has references."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
-
-from adl_llm import decode_path
 from adl_llm.artifacts import write_json
-from adl_llm.config import Config, GenConfig, LongPrompts
+from adl_llm.config import Config, LongPrompts
 from adl_llm.data import Record, by_slice, slice_names
-from adl_llm.distributed import is_main, map_in_order
+from adl_llm.decoding import encode_prompts, generate_from_ids
+from adl_llm.distributed import is_main
 from adl_llm.errors import UserError
-from adl_llm.memory import GIB, out_of_memory_advice
+from adl_llm.memory import out_of_memory_advice
 from adl_llm.prompts import build_prompts
 from adl_llm.scores import translation_scores
 
 log = logging.getLogger(__name__)
-
-CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits...
-CPU_BATCH_TOKENS = 4096  # ...unless they are long: at most this many prompt and new tokens a batch
-# fp32 vocabulary rows per sequence while a token is chosen (bounds; docs/BENCHMARKS.md): search (greedy or beams)
-# holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
-LOGIT_COPIES = {"search": 6, "sampling": 10}
-SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
-WARMUP_NEW_TOKENS = 4  # a compiled step is traced on its first call, captured as a CUDA graph on a later one
 
 
 def encode_for_generation(cfg: Config, tokenizer, records: list[Record], shots: list[Record]):
@@ -98,48 +78,6 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
     return metrics
 
 
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """The text before the earliest stop string, without surrounding whitespace."""
-    end = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-    return text[:end].strip()
-
-
-def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
-    """`gen.batch_size`, or the prompts whose sequences fit `gen.memory_budget_gb` next to the model.
-
-    A sequence (one per beam) holds its KV cache for `longest + max_new_tokens` positions and, while a token is
-    chosen, a few fp32 rows of the vocabulary (LOGIT_COPIES): with Gemma's 262k tokens the latter dominate.
-    """
-    device = next(model.parameters()).device
-    if gen.batch_size:
-        return gen.batch_size
-    if device.type != "cuda":
-        return max(1, min(CPU_BATCH_SIZE, CPU_BATCH_TOKENS // ((longest + gen.max_new_tokens) * gen.beams)))
-    text = model.config.get_text_config()
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_per_token = 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
-    copies = LOGIT_COPIES["sampling" if gen.do_sample else "search"]
-    per_sequence = kv_per_token * (longest + gen.max_new_tokens) + copies * 4 * text.vocab_size
-    room = gen.memory_budget_gb * GIB - torch.cuda.memory_allocated(device)
-    return max(1, int(SAFETY * room / per_sequence) // gen.beams)
-
-
-def pad_left(rows: Sequence[list[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and their attention mask, `width` columns (default: the longest row's): every prompt ends at
-    the last column, where decoding starts."""
-    width = max([width or 0, *(len(row) for row in rows)])
-    ids = torch.tensor([[value] * (width - len(row)) + row for row in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
-    return ids, mask
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """`[BOS] + tok(prompt)`: the prefix the course perplexity scores the answer after."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-
-
 def fit_prompts(
     encoded: list[list[int]], limit: int, policy: LongPrompts, names: Sequence[str], bos: bool
 ) -> tuple[list[list[int]], list[str]]:
@@ -164,148 +102,6 @@ def fit_prompts(
             ", ".join(str(names[i]) for i in long[:5]),
         )
     return fitted, [names[i] for i in long]
-
-
-def generate_texts(model, tokenizer, prompts: Sequence[str], gen: GenConfig, *, progress: bool = True) -> list[str]:
-    """One decoded answer per prompt, in the order of `prompts`."""
-    return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts), gen, progress=progress)
-
-
-@torch.no_grad()
-def generate_from_ids(
-    model,
-    tokenizer,
-    encoded: list[list[int]],
-    gen: GenConfig,
-    *,
-    progress: bool = True,
-    fast: bool = False,
-    stats: dict | None = None,
-) -> list[str]:
-    """One decoded answer per encoded prompt, in their order. `fast`: the decode path of decode_path.py (a batch
-    job's; a chat's prompts come one at a time), whose warm-up (compiling) seconds and path go into `stats`."""
-    # Longest first: little padding per batch, and an out-of-memory shows in the first batch, not the last.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    stats = {} if stats is None else stats
-    stops = stop_criterion(tokenizer, gen.stop_strings)
-    with decode_path.fast_path(model, gen) if fast else contextlib.nullcontext(decode_path.PLAIN) as path:
-        stats.update(path=path.describe(), warmup_seconds=0.0)
-        by_index = map_in_order(order, _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress))
-    return [by_index[i] for i in range(len(encoded))]
-
-
-def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress):
-    """The decoding of one share of the prompts (under torchrun each rank decodes one), on `path`, or where a
-    static cache or a compiled step fails, on the plain path (with the weights as `path` has them)."""
-
-    def work(share: list[int]) -> list[str]:
-        nonlocal path
-        try:
-            return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
-        except (torch.OutOfMemoryError, UserError, KeyboardInterrupt):
-            raise
-        except Exception as err:
-            if not path.static_cache:
-                raise
-            log.warning(
-                "decoding with a %s failed (%s: %s); decoding again on the plain path (gen.static_cache=false "
-                "gen.compile=false skip the attempt)",
-                "compiled step" if path.compile else "static cache",
-                type(err).__name__,
-                str(err).strip().splitlines()[0][:200] if str(err).strip() else "",
-            )
-            path = dataclasses.replace(path, static_cache=False, compile=False)
-            stats["path"] = path.describe()
-            return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
-
-    return work
-
-
-def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress) -> list[str]:
-    """The answers of `share` (prompt indices, longest first) in its order, batch by batch on `path`."""
-    device = next(model.parameters()).device
-    width = decode_path.bucket(len(encoded[share[0]])) if path.static_cache else None
-    # one cache length for every batch, the warm-up's too
-    fast = decode_path.generation_settings(path, width, gen.max_new_tokens) if path.static_cache else {}
-    settings = generation_config(gen, tokenizer, **fast)
-
-    def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
-        ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
-        with decode_path.compiled(model, path):
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=settings,
-                stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
-            )
-        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [cut_at_stop(text, gen.stop_strings) for text in decoded]
-
-    fixed = decode_path.fixed_batches(share, prompts_per_batch(model, gen, width)) if path.static_cache else None
-    if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
-        started = time.perf_counter()
-        warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
-        run(fixed[0][0], generation_config(warm, tokenizer, **fast))
-        stats["warmup_seconds"] += time.perf_counter() - started
-    texts: list[str] = []
-    bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())
-    start = 0
-    while start < len(share):
-        if fixed:
-            rows, real = fixed.pop(0)
-        else:
-            rows = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]))]
-            real = len(rows)
-        start += real
-        texts.extend(run(rows)[:real])
-        bar.update(real)
-    bar.close()
-    return texts
-
-
-def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:
-    """The gen group's decoding as a GenerationConfig; the sampling keys only when sampling (transformers refuses
-    them otherwise). Keys left unset here take the model's generation config, which load_model clears, so a model's
-    own defaults (Gemma ships top_k=64, top_p=0.95; an export, its stop strings) never leak in."""
-    sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
-    return GenerationConfig(
-        num_beams=gen.beams,
-        do_sample=gen.do_sample,
-        max_new_tokens=gen.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **sampling,
-        **extra,
-    )
-
-
-def stop_criterion(tokenizer, stop_strings: Sequence[str]):
-    """A factory of the stop-string criterion for a batch whose prompts are `width` columns wide, or None.
-
-    transformers' StopStringCriteria is vectorised, but its tables need a tokenizer whose tokens it can map back
-    to text (about a second to build for 262k tokens, so once per call); where it cannot (a tokenizer without a
-    decoder), the new text of every row is decoded and searched each step instead."""
-    if not stop_strings:
-        return None
-    try:
-        fast = StopStringCriteria(tokenizer, list(stop_strings))
-    except Exception as err:  # transformers raises a bare ValueError("substring not found") here
-        log.info("stop strings checked on the decoded text (%s: %s)", type(err).__name__, err)
-        return lambda width: DecodedStopCriteria(tokenizer, stop_strings, width)
-    return lambda width: fast
-
-
-class DecodedStopCriteria(StoppingCriteria):
-    """Stop a row once its decoded new text holds a stop string: any tokenizer, one decode per row and step."""
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
-        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, list(stop_strings), prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
-        found = [any(stop in text for stop in self.stop_strings) for text in texts]
-        return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
 
 def count_new_tokens(tokenizer, texts: Sequence[str]) -> int:

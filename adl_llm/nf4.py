@@ -96,7 +96,8 @@ class _DequantizedForward:
 
 
 def restore_cpu_nf4_training_path(model) -> None:
-    """Undo bitsandbytes' CPU inference packing of NF4 weights, under which LoRA gets no gradients.
+    """Undo bitsandbytes' CPU inference packing of NF4 weights, under which LoRA gets no gradients (and from which
+    no dequantised copy is made: decode_path.py calls this first too).
 
     On a CPU with AVX512-BF16, a 4-bit layer run in eval mode without grad repacks its weight for a fast
     inference kernel; a model evaluated before training (in the same process) then trains nothing, silently.

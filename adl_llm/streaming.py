@@ -1,4 +1,4 @@
-"""One answer written while it is generated, ending where the batch decoder cuts it (adl_llm/generate.py).
+"""One answer written while it is generated, ending where the batch decoder cuts it (adl_llm/decoding.py).
 
 What an `AnswerStream` has written once generation ends is exactly `cut_at_stop(new text, stop strings)`, the
 answer `task=generate` gives: text that may still turn out to be the start of a stop string, trailing spaces
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from transformers.generation.streamers import BaseStreamer
 
-from adl_llm.generate import cut_at_stop
+from adl_llm.decoding import cut_at_stop
 
 HALF_DECODED = "\ufffd"  # what a tokenizer decodes the first bytes of a character split over tokens to
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adl_llm.decoding import cut_at_stop
 from adl_llm.encode import IGNORE, Encoded
-from adl_llm.generate import cut_at_stop
 from adl_llm.kernels import plain_kernels
 from bench import measure
 

@@ -97,8 +97,8 @@ def ppl_framework(
 
 
 def generate_framework(model, tokenizer, prompts: Sequence[str], gen, *, cudnn: bool) -> dict:
-    """`adl_llm.generate.generate_texts`: batched, left-padded decoding with the settings of `gen`."""
-    from adl_llm.generate import generate_texts
+    """`adl_llm.decoding.generate_texts`: batched, left-padded decoding with the settings of `gen`."""
+    from adl_llm.decoding import generate_texts
     from adl_llm.modeling import attention_kernels
 
     measure.reset_peak()

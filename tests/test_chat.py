@@ -18,8 +18,8 @@ import pytest
 
 from adl_llm.chat import changed_gen, converse, split_args, start
 from adl_llm.config import PROJECT_ROOT, GenConfig
+from adl_llm.decoding import generate_texts
 from adl_llm.errors import ConfigError, UserError
-from adl_llm.generate import generate_texts
 from adl_llm.prompts import build_prompts
 from adl_llm.streaming import AnswerStream
 from tests.conftest import run_module, tiny_overrides

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adl_llm import decode_path
 from adl_llm.config import DType, GenConfig, ModelConfig, Quant
-from adl_llm.generate import encode_prompts, generate_from_ids
+from adl_llm.decoding import encode_prompts, generate_from_ids
 from adl_llm.modeling import load_model
 from adl_llm.nf4 import nf4_layers
 from tests.conftest import compose_config, read_json, tiny_overrides

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from adl_llm import export, tasks
+from adl_llm.decoding import cut_at_stop, generate_texts
 from adl_llm.errors import ModelError, ResourceError, UserError
-from adl_llm.generate import cut_at_stop, generate_texts
 from adl_llm.modeling import load_adapter
 from adl_llm.prompts import build_prompts
 from tests.conftest import compose_config, read_json, tiny_overrides

@@ -18,7 +18,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from adl_llm import artifacts, checkpoint, embedded, generate, tasks
+from adl_llm import artifacts, checkpoint, decoding, embedded, generate, tasks
 from adl_llm.artifacts import UMASK, claimed, remove_stale_temporaries, write_json
 from adl_llm.config import PROJECT_ROOT
 from adl_llm.errors import ResourceError, RunFailed, UserError
@@ -202,9 +202,9 @@ def _long_eval_file(tmp_path):
 def test_a_long_prompt_is_cut_from_the_left_counted_and_decoded_alone(tiny_model_dir, tmp_path, monkeypatch):
     path, long_id = _long_eval_file(tmp_path)
     batches = []
-    real_pad_left = generate.pad_left
+    real_pad_left = decoding.pad_left
     monkeypatch.setattr(
-        generate, "pad_left", lambda rows, *rest: batches.append(len(rows)) or real_pad_left(rows, *rest)
+        decoding, "pad_left", lambda rows, *rest: batches.append(len(rows)) or real_pad_left(rows, *rest)
     )
     overrides = (f"data.eval_file={path}", "gen=greedy", "gen.max_new_tokens=4", "gen.max_prompt_tokens=3000")
     metrics = tasks.run_generate(_cfg(tiny_model_dir, tmp_path / "run", *overrides))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adl_llm.config import GenConfig
 from adl_llm.data import load_records
-from adl_llm.generate import cut_at_stop, generate_texts
+from adl_llm.decoding import cut_at_stop, generate_texts
 from adl_llm.tasks import run_generate
 from tests.conftest import EVAL_FILE, compose_config, read_json, run_entrypoint, tiny_overrides
 

@@ -87,7 +87,7 @@ def test_liger_kernels_train_as_the_plain_path_does(embedded, tmp_path):
 def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(embedded):
     """A generate job's default path on a GPU: the NF4 weights dequantised once; the same text as bitsandbytes' own
     path for nearly every prompt (its fused 4-bit kernel rounds differently, which may flip a near tie)."""
-    from adl_llm.generate import encode_prompts, generate_from_ids
+    from adl_llm.decoding import encode_prompts, generate_from_ids
     from adl_llm.nf4 import nf4_layers
 
     source, tokenizer, _ = embedded
@@ -106,7 +106,7 @@ def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(emb
 
 def test_the_compiled_decoding_path_decodes_as_the_plain_path(embedded):
     """gen.compile: the decode step in CUDA graphs over a static cache, greedy and beam search, no fallback taken."""
-    from adl_llm.generate import encode_prompts, generate_from_ids
+    from adl_llm.decoding import encode_prompts, generate_from_ids
 
     source, tokenizer, _ = embedded
     model = load_model(ModelConfig(name_or_path=source, liger=False))
