@@ -137,6 +137,8 @@ def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress)
 
 def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress) -> list[str]:
     """The answers of `share` (prompt indices, longest first) in its order, batch by batch on `path`."""
+    if not share:  # under torchrun, a rank whose share of a few prompts is empty
+        return []
     device = next(model.parameters()).device
     width = decode_path.bucket(len(encoded[share[0]])) if path.static_cache else None
     # one cache length for every batch, the warm-up's too

@@ -73,6 +73,15 @@ def test_a_static_cache_decodes_the_text_of_the_plain_path(tiny, beams):
     assert stats == {"path": "static_cache", "warmup_seconds": 0.0}
 
 
+@pytest.mark.parametrize("settings", [{}, {"static_cache": True}])
+def test_no_prompts_decode_to_no_answers(tiny, settings, caplog):
+    """Under torchrun a rank's share of a few prompts may be empty: no answers, and no fallback either."""
+    model, tokenizer, _ = tiny
+    with caplog.at_level(logging.WARNING):
+        assert generate_from_ids(model, tokenizer, [], _gen(**settings), progress=False, fast=True) == []
+    assert not caplog.text
+
+
 def test_a_failing_fast_path_falls_back_to_the_plain_one(tiny, monkeypatch, caplog):
     model, tokenizer, encoded = tiny
     gen = _gen(batch_size=4)
