@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
+#   bash bench/gpu_session.sh profile_decode         # where a decoding step spends its time (bench/profile_decode.py)
 #   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
 #   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
@@ -178,6 +179,12 @@ decode() {
   decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
   decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
+}
+
+profile_decode() {  # where a decoding step of the embedded model spends its time, on each path
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_decode --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
+    --adapter "${ADAPTER:-/tmp/stage/adapter}" --out "$KEEP/profile-decode" 2>&1 | log profile-decode
+  grep -h "^==\|a step" "$KEEP/profile-decode/profile-decode.txt" || tail -n 20 "$KEEP/profile-decode.log"
 }
 
 decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams 5 with the report's sampling

@@ -73,3 +73,43 @@ def test_ddp_table_compares_each_run_with_one_gpu_at_its_batch(tmp_path):
     assert table[1]["speedup"] == pytest.approx(1.8) and table[1]["loss_diff"] == pytest.approx(0.01)
     assert table[2]["speedup"] is None  # no one-GPU run at batch 64 to compare with
     assert "| 2 | 16 | 1,800 | 1.80 |" in ddp_table.markdown(table)
+
+
+@pytest.mark.slow
+def test_profile_decode_writes_its_table(tiny_model_dir, tmp_path):
+    from bench import profile_decode
+
+    args = [
+        f"--model-path={tiny_model_dir}",
+        "--prompts=3",
+        "--new-tokens=2",
+        "--paths=plain,default",
+        f"--out={tmp_path}",
+    ]
+    profile_decode.main(args)
+    text = (tmp_path / "profile-decode.txt").read_text(encoding="utf-8")
+    assert "== plain (path plain)" in text and "== default" in text and "wall time a step" in text and "aten::" in text
+
+
+def test_decode_table_compares_each_run_with_its_plain_twin_and_names_failures(tmp_path):
+    from adl_llm.artifacts import write_json
+    from bench import decode_table
+
+    def run(folder, path, speed, texts, beams=1, sample=False):
+        setting = {"beams": beams, "do_sample": sample}
+        metrics = {"gen/setting": setting, "gen/path": path, "gen/examples_per_s": speed, "gen/new_tokens_per_s": 1.0}
+        write_json(folder / "metrics.json", metrics)
+        write_json(folder / "predictions.json", [{"id": str(i), "output": t} for i, t in enumerate(texts)])
+
+    run(tmp_path / "greedy-plain", "plain", 10.0, ["a", "b", "c"])
+    run(tmp_path / "greedy-dequantize", "dequantize", 12.5, ["a", "b", "x"])
+    (tmp_path / "greedy-dequantize" / "wall_ms.txt").write_text("31000")
+    for job, speed in enumerate([20.0, 8.0]):
+        run(tmp_path / "sampling-plain" / str(job), "plain", speed, ["s"], beams=1 + 2 * job, sample=True)
+    (tmp_path / "sampling-fast" / "0").mkdir(parents=True)  # a job that crashed: no metrics.json
+    table = decode_table.rows(tmp_path)
+    by_run = {r["run"]: r for r in table if r["run"] != "sampling-plain"}
+    assert by_run["greedy-dequantize"]["speedup"] == pytest.approx(1.25)
+    assert by_run["greedy-dequantize"]["same_text"] == "2/3" and by_run["greedy-dequantize"]["command_s"] == 31.0
+    assert by_run["greedy-plain"]["speedup"] is None and by_run["sampling-fast"]["failed"]
+    assert "| sampling-fast | failed: no metrics.json" in decode_table.markdown(table)

@@ -1,0 +1,99 @@
+"""Where the time of a decoding step goes: one batch of prompts decoded on each path, under torch.profiler.
+
+    python -m bench.profile_decode --model-path /tmp/adl_cache/models/gemma3-270m --adapter /tmp/stage/adapter \
+        --out $OUT/profile-decode
+    python -m bench.profile_decode --model-path /tmp/tiny --prompts 4 --out /tmp/pd     # a CPU check
+
+Each path (plain: bitsandbytes' layers and a dynamic cache; default: what a generate job takes on this device;
+compiled: gen.compile=true) decodes the first `--prompts` public-test prompts greedily, `--new-tokens` tokens with
+no stop strings, so that nearly every batch runs every step. After a warm-up, the wall time of that decoding is
+timed without the profiler, then profiled once: the kernels launched and the time the GPU is busy a step against
+the wall time a step say whether the step waits on the card or on Python and launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+from adl_llm.config import compose
+from adl_llm.data import load_records
+from adl_llm.decoding import encode_prompts, generate_from_ids
+from adl_llm.modeling import attention_kernels, load_adapter, load_model, load_tokenizer, model_source
+from adl_llm.prompts import build_prompts
+from bench import measure
+
+PATHS = {
+    "plain": {"dequantize": False, "static_cache": False, "compile": False},
+    "default": {},
+    "compiled": {"compile": True},
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default="embedded:gemma3-270m")
+    parser.add_argument("--adapter", help="an adapter folder to decode with (default: the base model)")
+    parser.add_argument("--prompts", type=int, default=250, help="the first N public-test prompts, one batch")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cfg = compose(f"model.name_or_path={args.model_path}", "gen=greedy", "model.liger=false")
+    source = model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    records = load_records(cfg.data.eval_file, need_outputs=False, limit=args.prompts)
+    encoded = encode_prompts(tokenizer, build_prompts([r.instruction for r in records], cfg.prompt))
+    model = load_model(cfg.model, source=source)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    device = next(model.parameters()).device
+    base = dataclasses.replace(
+        cfg.gen, max_new_tokens=args.new_tokens, stop_strings=[], batch_size=len(encoded)
+    )  # one batch of every prompt, every step decoded
+
+    lines = [f"{len(encoded)} prompts in one batch, {args.new_tokens} new tokens, greedy, on {measure.card()}", ""]
+    for name in args.paths.split(","):
+        gen = dataclasses.replace(base, **PATHS[name])
+        stats: dict = {}
+
+        def decode(gen=gen, stats=stats) -> None:
+            with attention_kernels(cfg.model.cudnn_attention):
+                generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
+            measure.sync()
+
+        decode()  # warm-up: compiling, kernel plans, the allocator
+        started = measure.now()
+        decode()
+        wall = measure.now() - started
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            decode()
+        averages = prof.key_averages()
+        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+        launches = sum(e.count for e in kernels)
+        gpu_busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        steps = args.new_tokens
+        lines += [
+            f"== {name} (path {stats['path']})",
+            f"wall time a step: {wall / steps * 1000:.2f} ms without the profiler ({wall:.2f} s for {steps} steps)",
+            f"GPU busy a step: {gpu_busy / steps * 1000:.2f} ms; kernels launched a step: {launches / steps:.0f}",
+            averages.table(sort_by="self_cpu_time_total", row_limit=20),
+        ]
+        print("\n".join(lines[-4:-1]), flush=True)
+    report = "\n".join(lines)
+    (args.out / "profile-decode.txt").write_text(report, encoding="utf-8")
+    print(f"at {time.strftime('%H:%M:%S')} wrote {args.out}/profile-decode.txt", flush=True)
+
+
+if __name__ == "__main__":
+    main()
