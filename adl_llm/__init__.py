@@ -29,6 +29,7 @@ Model
 Training
     train.py         the training loop, resume                                                         train
     micro_batches.py how a step is cut into micro-batches; the memory probe; checkpointing chosen      train
+    compiled_layers.py  train.compile: each decoder layer compiled by torch.compile                    train
     loss.py          the answer-token NLL (chunked over the vocabulary) and a step's gradient
     optim.py         the optimiser and the learning-rate schedule                                     optim, schedule
     checkpoint.py    atomic checkpoints (safetensors + JSON) and the training state

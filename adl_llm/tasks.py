@@ -18,7 +18,7 @@ import torch
 
 from adl_llm.artifacts import write_json
 from adl_llm.checkpoint import check_resumable
-from adl_llm.config import Config, ResumeMode, TaskName
+from adl_llm.config import Config, ModelConfig, ResumeMode, TaskName
 from adl_llm.data import Record, load_records
 from adl_llm.distributed import barrier, is_main, world_size
 from adl_llm.encode import encode_examples
@@ -103,8 +103,7 @@ def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work, decoding:
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         prepared = prepare(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
-        compiled = decoding and cfg.gen.compile and cfg.model.liger is None
-        model = _model(cfg, adapter=cfg.adapter, liger=False if compiled else None)
+        model = _model(cfg, adapter=cfg.adapter, compiled=decoding and cfg.gen.compile)
         return _finish(run.path, model.device, work(model, tokenizer, records, prepared, run.path), started)
 
 
@@ -164,7 +163,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
 
         before = lineage(init_dir)
         set_seed(cfg.seed)
-        model = _model(cfg, adapter=init_dir, trainable=True)
+        model = _model(cfg, adapter=init_dir, trainable=True, compiled=cfg.train.compile)
         if init_dir:
             log.info("stage starts from %s (%s epochs before)", init_dir, before.get("cumulative_epochs", "?"))
         else:
@@ -221,11 +220,14 @@ def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: lis
     return examples
 
 
-def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False, liger: bool | None = None):
-    """The base model (and adapter). `liger=False` where model.liger is null and gen.compile is on: inductor fuses
-    what Liger's kernels would, and those would break the compiled graph at every layer."""
-    model_cfg = cfg.model if liger is None else dataclasses.replace(cfg.model, liger=liger)
-    model = load_model(model_cfg)
+def model_settings(cfg: Config, *, compiled: bool) -> ModelConfig:
+    """cfg.model, with Liger off where model.liger is null and the work is `compiled` (gen.compile, train.compile):
+    inductor fuses what Liger's kernels would, and those would break the compiled graph at every layer."""
+    return dataclasses.replace(cfg.model, liger=False) if compiled and cfg.model.liger is None else cfg.model
+
+
+def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False, compiled: bool = False):
+    model = load_model(model_settings(cfg, compiled=compiled))
     return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
+from adl_llm.compiled_layers import compiled_layers
 from adl_llm.config import Config, ResumeMode
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
 from adl_llm.encode import Encoded
@@ -58,7 +59,10 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step", mininterval=2, disable=not is_main())
     limit = memory_limit(tc.memory_budget_gb, device)
     try:
-        with dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit):
+        with (
+            dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
+            compiled_layers(model, tc.compile),
+        ):
             plan = plan_micro_batches(model, examples, tc, pad_id, device)
             set_gradient_checkpointing(model, plan.gradient_checkpointing)
             log.info(

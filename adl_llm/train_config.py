@@ -86,6 +86,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None
     pad_to_multiple: int | None
     dequantize_base: bool | None
+    compile: bool
     init_from: str | None
     resume: ResumeMode
     save_every: int

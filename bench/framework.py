@@ -25,6 +25,7 @@ def train_framework(
     from transformers import set_seed
 
     from adl_llm.modeling import add_lora, attention_kernels, load_model
+    from adl_llm.tasks import model_settings
     from adl_llm.train import train
 
     cfg = compose(
@@ -37,7 +38,7 @@ def train_framework(
     )
     measure.reset_peak()
     set_seed(cfg.seed)
-    model = add_lora(load_model(cfg.model), cfg.lora)
+    model = add_lora(load_model(model_settings(cfg, compiled=cfg.train.compile)), cfg.lora)
     messages = _LogCollector("adl_llm")  # what adl-llm decided (pass sizes, checkpointing, the dequantised base)
     started = measure.now()
     try:

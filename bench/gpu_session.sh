@@ -74,7 +74,7 @@ embedded() { CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model embedded --model
   --out "$KEEP/bench" "$@"; }
 
 bench_train() {  # the embedded model: adl-llm against TRL (with and without Liger and checkpointing) and the seed
-  embedded --only train --train-steps 40 --baseline-steps 12 --ablations no_liger 2>&1 | log bench-embedded-train
+  embedded --only train --train-steps 40 --baseline-steps 12 --ablations no_liger,compile 2>&1 | log bench-embedded-train
   tail -n 40 "$KEEP/bench-embedded-train.log"
 }
 
@@ -200,7 +200,7 @@ decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop
   llama7b
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train \
-    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations budget40,no_liger --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
+    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations budget40,no_liger,compile,compile_budget40 --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
     --out "$KEEP/bench" 2>&1 \
     | log bench-llama7b-train
   tail -n 30 "$KEEP/bench-llama7b-train.log"

@@ -1,0 +1,69 @@
+"""train.compile: each decoder layer compiled, the same losses as the eager path, a failure in one line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adl_llm.compiled_layers import compiled_layers, decoder_layers
+from adl_llm.errors import RunFailed
+from adl_llm.tasks import run_train
+from tests.conftest import compose_config, tiny_overrides
+
+
+def test_the_decoder_layers_are_the_longest_list_of_one_class(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layers = decoder_layers(model)
+    assert layers == list(model.model.layers) and len(layers) == model.config.num_hidden_layers
+    assert decoder_layers(torch.nn.Linear(2, 2)) == []
+
+
+def test_layers_are_compiled_within_and_eager_after(tiny_model_dir, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with caplog.at_level(logging.INFO), compiled_layers(model, True) as count:
+        assert count == 2 and all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert "2 decoder layers of LlamaDecoderLayer compiled" in caplog.text
+    with compiled_layers(model, False) as count:
+        assert count == 0 and all(layer._compiled_call_impl is None for layer in model.model.layers)
+    with caplog.at_level(logging.WARNING), compiled_layers(torch.nn.Linear(2, 2), True) as count:
+        assert count == 0
+    assert "no repeated decoder layers" in caplog.text
+
+
+def test_a_model_that_does_not_compile_stops_the_run_in_one_line(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    refused = pytest.raises(RunFailed, match=r"^train.compile: torch.compile failed on this model \(boom\); set train")
+    with refused, compiled_layers(model, True):
+        raise torch._dynamo.exc.TorchDynamoException("boom\nand its long trace")
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_losses_of_the_eager_path(tiny_model_dir, tmp_path):
+    """Without dropout (inductor draws its random numbers its own way); about a minute of compiling on 2 cores."""
+    losses = {}
+    for compile_layers in ("false", "true"):
+        overrides = (
+            "task=train",
+            "data.n_train=8",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            "lora.lora_dropout=0.0",
+            "train.save_every=0",
+            f"train.compile={compile_layers}",
+        )
+        cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / compile_layers)
+        losses[compile_layers] = run_train(cfg)["train/losses"]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_compiled_work_loads_without_liger_unless_asked():
+    from adl_llm.tasks import model_settings
+
+    assert model_settings(compose_config(), compiled=True).liger is False  # Liger would break the graph
+    assert model_settings(compose_config(), compiled=False).liger is None
+    assert model_settings(compose_config("model.liger=true"), compiled=True).liger is True  # asked for: kept
