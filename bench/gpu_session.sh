@@ -53,8 +53,8 @@ transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes
 ersion as V; assert V(transformers.__version__) >= V(f), f'transformers {transformers.__version__} < {f}: carry .whl'"
 }
 
-gpu_tests() {  # the tests that need a GPU, on the embedded model
-  CUDA_VISIBLE_DEVICES=$GPU $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py "$@" 2>&1 \
+gpu_tests() {  # the tests that need a GPU, on the embedded model (TESTS=<pytest -k expression>: some of them)
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 \
     | tee "$KEEP/gpu_tests.log" | tail -n 15 || true  # a failure is in the log; the parts after it still run
 }
 
