@@ -3,11 +3,11 @@
 A decoding step of a small model is bound by kernel launches and Python, not by the card (the 270M reads its 0.5
 GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job and logged:
 
-- **dequantise** (`gen.dequantize`, null: where the copy fits): bitsandbytes runs its 4-bit kernels on every step.
-  Where the dequantised weights take at most a quarter of `gen.memory_budget_gb`, they are dequantised once for
-  the job (nf4.py, the copy training uses): the same weights, plain matmuls, the adapter unmerged. On an H200,
-  greedy decoding of the 250 test prompts: 1.25x, 244 of 250 answers the same text; on 2 AVX2 cores (fp32
-  compute), 16 prompts: 1.2 to 1.4x, every answer the same (docs/BENCHMARKS.md).
+- **dequantise** (`gen.dequantize`, null: on a GPU, where the copy fits): bitsandbytes runs its 4-bit kernels on
+  every step. Where the dequantised weights take at most a quarter of `gen.memory_budget_gb`, they are dequantised
+  once for the job (nf4.py, the copy training uses): the same weights, plain matmuls, the adapter unmerged. On an
+  H200, greedy decoding of the 250 test prompts: 1.25x, 244 of 250 answers the same text. On 2 AVX2 cores it was
+  within the machine's noise (0.9x to 1.4x over six pairs of runs, the same answers): asked for only.
 - **static cache** (`gen.static_cache`, null: with `gen.compile`): transformers' StaticCache, one shape for the whole
   job: its batches are cut to one size and padded to one width, so a compiled step is reused, not recompiled.
   Alone, 1.16x on that greedy run.
@@ -67,12 +67,13 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         compiled = False
     if compiled and on_gpu:
         log.warning("gen.compile=true: experimental on a GPU (a first version crashed on an H200, docs/BENCHMARKS.md)")
-    # On a CPU, bitsandbytes may have repacked the NF4 weights for its own kernel (a pipeline scores before it
-    # decodes): the copy is made from the weights unpacked again.
-    if gen.dequantize is not False and not on_gpu:
+    # On a CPU the copy was no clear gain (docs/BENCHMARKS.md), so it is made only when asked, and from the weights
+    # unpacked from bitsandbytes' CPU packing (a pipeline scores, which packs them, before it decodes).
+    dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
+    if dequantize and not on_gpu:
         restore_cpu_nf4_training_path(model)
     limit = memory_limit(gen.memory_budget_gb, base.device)
-    with dequantized_base(model, enabled=gen.dequantize, memory_limit=limit) as dequantized:
+    with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
         if gen.dequantize and not dequantized:
             log.info("gen.dequantize: the model has no NF4 layers bitsandbytes runs as loaded; nothing dequantised")
         path = DecodePath(dequantize=dequantized, static_cache=static, compile=compiled)

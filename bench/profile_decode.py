@@ -5,10 +5,11 @@
     python -m bench.profile_decode --model-path /tmp/tiny --prompts 4 --out /tmp/pd     # a CPU check
 
 Each path (plain: bitsandbytes' layers and a dynamic cache; default: what a generate job takes on this device;
-compiled: gen.compile=true) decodes the first `--prompts` public-test prompts greedily, `--new-tokens` tokens with
-no stop strings, so that nearly every batch runs every step. After a warm-up, the wall time of that decoding is
-timed without the profiler, then profiled once: the kernels launched and the time the GPU is busy a step against
-the wall time a step say whether the step waits on the card or on Python and launches.
+dequantize: gen.dequantize=true; compiled: gen.compile=true) decodes the first `--prompts` public-test prompts
+greedily, `--new-tokens` tokens with no stop strings, so that nearly every batch runs every step. After a warm-up,
+the wall time of that decoding is timed without the profiler, then profiled once: the kernels launched and the
+time the GPU is busy a step against the wall time a step say whether the step waits on the card or on Python and
+launches.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench import measure
 PATHS = {
     "plain": {"dequantize": False, "static_cache": False, "compile": False},
     "default": {},
+    "dequantize": {"dequantize": True},
     "compiled": {"compile": True},
 }
 
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--adapter", help="an adapter folder to decode with (default: the base model)")
     parser.add_argument("--prompts", type=int, default=250, help="the first N public-test prompts, one batch")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--paths", default="plain,default,compiled", help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -118,8 +118,12 @@ def test_nf4_weights_dequantised_for_decoding_are_put_back(tiny_model_dir, tiny)
     gen = _gen(batch_size=3)
     plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
     stats: dict = {}
-    fast = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
-    assert stats["path"] == "dequantize" and fast == plain  # the default where the copy fits, on a CPU too
+    with decode_path.fast_path(model, gen) as path:
+        assert not path.dequantize  # on a CPU only when asked
+    fast = generate_from_ids(
+        model, tokenizer, encoded, dataclasses.replace(gen, dequantize=True), progress=False, fast=True, stats=stats
+    )
+    assert stats["path"] == "dequantize" and fast == plain
     assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' own layers again
 
 
