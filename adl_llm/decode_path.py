@@ -30,8 +30,10 @@ from collections.abc import Iterator
 
 import torch
 
+from adl_llm.batching import padded_width
 from adl_llm.config import GenConfig
 from adl_llm.memory import memory_limit
+from adl_llm.modeling import base_model
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False)
 def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
     """Within: the path of a decoding job as `gen` sets it (the module's docstring), the NF4 weights dequantised
     while it lasts (nf4.dequantized_base, the training run's copy)."""
-    base = _base(model)
+    base = base_model(model)
     on_gpu = base.device.type == "cuda"
     static = gen.static_cache if gen.static_cache is not None else gen.compile
     compiled = gen.compile
@@ -81,7 +83,7 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         yield path
 
 
-def generation_settings(path: DecodePath, width: int, max_new_tokens: int) -> dict:
+def generation_settings(width: int, max_new_tokens: int) -> dict:
     """The GenerationConfig keys of a static-cache path: one cache length for every batch of the job."""
     # transformers would compile the step of a static cache by itself, but only when sampling or greedy (not in beam
     # search) and never for a bitsandbytes model: compiled() does it for every setting instead.
@@ -92,7 +94,7 @@ def generation_settings(path: DecodePath, width: int, max_new_tokens: int) -> di
 def compiled(model, path: DecodePath) -> Iterator[None]:
     """Within: the model's decode step is compiled (once per model; a fixed shape gives one graph), in CUDA graphs
     on a GPU; the prompt pass stays eager, as transformers' own compiled generation keeps it."""
-    base = _base(model)
+    base = base_model(model)
     if not path.compile:
         yield
         return
@@ -136,9 +138,4 @@ def fixed_batches(order: list[int], cap: int) -> list[tuple[list[int], int]]:
 
 
 def bucket(width: int) -> int:
-    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-
-
-def _base(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return padded_width(width, WIDTH_MULTIPLE)

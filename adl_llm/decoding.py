@@ -116,7 +116,7 @@ def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress)
         nonlocal path
         try:
             return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
-        except (torch.OutOfMemoryError, UserError, KeyboardInterrupt):
+        except (torch.OutOfMemoryError, UserError):  # named as ever, not retried
             raise
         except Exception as err:
             if not path.static_cache:
@@ -142,8 +142,8 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     device = next(model.parameters()).device
     width = decode_path.bucket(len(encoded[share[0]])) if path.static_cache else None
     # one cache length for every batch, the warm-up's too
-    fast = decode_path.generation_settings(path, width, gen.max_new_tokens) if path.static_cache else {}
-    settings = generation_config(gen, tokenizer, **fast)
+    cache = decode_path.generation_settings(width, gen.max_new_tokens) if path.static_cache else {}
+    settings = generation_config(gen, tokenizer, **cache)
 
     def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
         ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
@@ -161,7 +161,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
         warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
-        run(fixed[0][0], generation_config(warm, tokenizer, **fast))
+        run(fixed[0][0], generation_config(warm, tokenizer, **cache))
         stats["warmup_seconds"] += time.perf_counter() - started
     texts: list[str] = []
     bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())
