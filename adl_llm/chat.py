@@ -133,12 +133,13 @@ def start(overrides: list[str]) -> Session:
 
     from adl_llm.modeling import load_adapter, load_model, load_tokenizer, model_source
     from adl_llm.prompts import load_shots
+    from adl_llm.tasks import model_settings
 
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     shots = load_shots(cfg)
     set_seed(cfg.seed)  # sampled answers repeat from one session to the next
-    model = load_model(cfg.model, source=source)
+    model = load_model(model_settings(cfg, compiled=False, decoding=True), source=source)
     model = load_adapter(model, cfg.adapter) if cfg.adapter else model
     return Session(cfg, model, tokenizer, shots, cfg.gen)
 

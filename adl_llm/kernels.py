@@ -10,10 +10,20 @@ transformers (its RMSNorm and MLP classes and `apply_rotary_pos_emb`, which the 
 call), for the whole process. So the names Liger replaces are remembered and put back when a model of that
 architecture is later loaded without Liger: a multirun job with `model.liger=false` gets the plain path even after
 a job with Liger in the same process.
+
+Liger's RoPE kernel is wrong for a batch of one-token queries where a fused norm came before it (Gemma 3's q_norm,
+or any architecture's): seen on an H200, where every greedy answer of a batch turned to repeated characters after
+its first token.
+The kernel steps from row to row by `q.transpose(1, 2).stride(1)`; Liger's RMSNorm returns q contiguous in (batch,
+heads, 1, head_dim) layout, whose transposed stride over the size-1 dimension is head_dim, not heads x head_dim, and
+a size-1 dimension's stride does not make a tensor non-contiguous, so Liger's `.contiguous()` copies nothing. Every
+row past the first is then rotated from the wrong place. So a one-token step (a decode step) takes transformers'
+own RoPE; prompts and training keep Liger's.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -68,6 +78,24 @@ def _apply(model, module) -> None:
         for name, value in before.items():  # the first value of each name Liger replaced
             if vars(module)[name] is not value:
                 patched.setdefault(name, value)
+    if vars(module).get(ROPE) is not before.get(ROPE) and ROPE in patched:
+        setattr(module, ROPE, _one_token_steps_unfused(getattr(module, ROPE), patched[ROPE]))
+
+
+ROPE = "apply_rotary_pos_emb"  # the name of the RoPE function in a modeling module, which Liger replaces
+
+
+def _one_token_steps_unfused(fused, reference):
+    """`fused` (Liger's RoPE), except for one-token queries, which take `reference` (the module's docstring)."""
+
+    @functools.wraps(fused)
+    def rope(q, k, cos, sin, *args, **kwargs):
+        if q.shape[-2] == 1 and not args:
+            kwargs.pop("position_ids", None)  # Liger's signature has it; transformers' 5.x function does not
+            return reference(q, k, cos, sin, **kwargs)
+        return fused(q, k, cos, sin, *args, **kwargs)
+
+    return rope
 
 
 def plain_kernels() -> None:

@@ -103,7 +103,7 @@ def _over_eval_file(cfg: Config, *, need_outputs: bool, prepare, work, decoding:
         tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
         prepared = prepare(cfg, tokenizer, records, shots)
         record_run(cfg, run, tokenizer)
-        model = _model(cfg, adapter=cfg.adapter, compiled=decoding and cfg.gen.compile)
+        model = _model(cfg, adapter=cfg.adapter, compiled=decoding and cfg.gen.compile, decoding=decoding)
         return _finish(run.path, model.device, work(model, tokenizer, records, prepared, run.path), started)
 
 
@@ -220,14 +220,24 @@ def _training_examples(cfg: Config, tokenizer, records: list[Record], shots: lis
     return examples
 
 
-def model_settings(cfg: Config, *, compiled: bool) -> ModelConfig:
+def model_settings(cfg: Config, *, compiled: bool, decoding: bool = False) -> ModelConfig:
     """cfg.model, with Liger off where model.liger is null and the work is `compiled` (gen.compile, train.compile):
-    inductor fuses what Liger's kernels would, and those would break the compiled graph at every layer."""
-    return dataclasses.replace(cfg.model, liger=False) if compiled and cfg.model.liger is None else cfg.model
+    inductor fuses what Liger's kernels would, and those would break the compiled graph at every layer. Also off
+    for a job that only decodes: its steps are one token a row, where Liger's RoPE needs a guard (kernels.py), and
+    decoding with Liger has not been measured against the plain kernels; model.liger=true still asks for them."""
+    off = compiled or decoding
+    return dataclasses.replace(cfg.model, liger=False) if off and cfg.model.liger is None else cfg.model
 
 
-def _model(cfg: Config, *, adapter: str | Path | None, trainable: bool = False, compiled: bool = False):
-    model = load_model(model_settings(cfg, compiled=compiled))
+def _model(
+    cfg: Config,
+    *,
+    adapter: str | Path | None,
+    trainable: bool = False,
+    compiled: bool = False,
+    decoding: bool = False,
+):
+    model = load_model(model_settings(cfg, compiled=compiled, decoding=decoding))
     return load_adapter(model, str(adapter), trainable=trainable) if adapter else model
 
 

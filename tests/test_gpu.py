@@ -119,3 +119,18 @@ def test_the_compiled_decoding_path_decodes_as_the_plain_path(embedded):
         fast = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
         assert stats["path"] == "dequantize+static_cache+compile" and stats["warmup_seconds"] > 0
         assert sum(a == b for a, b in zip(plain, fast)) >= 0.8 * len(encoded)
+
+
+def test_liger_kernels_decode_a_batch_as_the_plain_path_does(embedded):
+    """Liger's RoPE misread one-token steps of a batch (kernels.py): with its guard, a Liger model's greedy answers are
+    the plain kernels' answers, not repeated characters after the first token."""
+    pytest.importorskip("liger_kernel")
+    from adl_llm.decoding import encode_prompts, generate_from_ids
+
+    source, tokenizer, _ = embedded
+    records = load_records(compose_config().data.eval_file, need_outputs=True, limit=24)
+    encoded = encode_prompts(tokenizer, build_prompts([r.instruction for r in records], compose_config().prompt))
+    gen = compose_config("gen=greedy", "gen.max_new_tokens=32", "gen.batch_size=8").gen
+    fused = generate_from_ids(load_model(ModelConfig(name_or_path=source, liger=True)), tokenizer, encoded, gen)
+    plain = generate_from_ids(load_model(ModelConfig(name_or_path=source, liger=False)), tokenizer, encoded, gen)
+    assert sum(a == b for a, b in zip(fused, plain)) >= 0.8 * len(encoded)

@@ -27,6 +27,11 @@ from tests.conftest import compose_config
 PLAIN_NORM = modeling_llama.LlamaRMSNorm
 
 
+def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Stands in for Liger's RoPE: tells its results apart from transformers' own."""
+    return q + 100, k + 100
+
+
 def _on(device: str, model_type: str = "llama"):
     """A stand-in model whose parameters live on `device`."""
     param = SimpleNamespace(device=torch.device(device))
@@ -40,7 +45,7 @@ def fake_liger(monkeypatch):
 
     def apply_to_instance(model, **kwargs):
         calls.append(kwargs)
-        modeling_llama.apply_rotary_pos_emb = "liger rope"
+        modeling_llama.apply_rotary_pos_emb = liger_rope
         modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (PLAIN_NORM,), {})  # what later models would be built of
 
     package = types.ModuleType("liger_kernel")
@@ -93,7 +98,7 @@ def test_applied_without_the_fused_loss_and_undone_for_a_plain_model(tiny_model_
     assert kernels.apply_liger(model, None) is True
     assert fake_liger[-1]["rms_norm"] and fake_liger[-1]["rope"] and fake_liger[-1]["swiglu"]
     assert not fake_liger[-1]["fused_linear_cross_entropy"] and not fake_liger[-1]["cross_entropy"]
-    assert modeling_llama.apply_rotary_pos_emb == "liger rope"
+    assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is liger_rope
 
     # A later job of the same process asks for the plain kernels: the module is as it was before Liger.
     assert kernels.apply_liger(model, False) is False
@@ -137,3 +142,32 @@ def test_a_liger_failing_part_way_is_one_line_and_the_next_model_is_plain(tiny_m
     assert modeling_llama.apply_rotary_pos_emb == "liger rope"  # left by the failed attempt
     load_model(dataclasses.replace(cfg, liger=False))
     assert modeling_llama.apply_rotary_pos_emb != "liger rope"
+
+
+def test_one_token_steps_take_transformers_rope_and_longer_queries_liger_s(tiny_model_dir, monkeypatch, fake_liger):
+    """Liger's RoPE kernel misreads a batch of one-token queries after a fused q_norm (kernels.py): decode steps take
+    the plain function, prompts and training passes Liger's."""
+    plain_rope = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(kernels, "why_not", lambda model: None)
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.none, dtype=DType.float32)
+    for _ in range(2):  # Liger applied again in the same process (a multirun) still guards its RoPE
+        load_model(cfg)
+    rope = modeling_llama.apply_rotary_pos_emb
+    torch.manual_seed(0)
+    cos, sin = torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+    q, k = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8)  # (batch, heads, one token, head_dim)
+    for got, want in zip(rope(q, k, cos, sin), plain_rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+    q, k, cos, sin = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 8), torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+    torch.testing.assert_close(rope(q, k, cos, sin)[0], q + 100)
+
+    load_model(dataclasses.replace(cfg, liger=False))
+    assert modeling_llama.apply_rotary_pos_emb is plain_rope
+
+
+def test_decoding_jobs_load_without_liger_unless_asked():
+    from adl_llm.tasks import model_settings
+
+    assert model_settings(compose_config(), compiled=False, decoding=True).liger is False
+    assert model_settings(compose_config(), compiled=False).liger is None  # training and scoring: where it can run
+    assert model_settings(compose_config("model.liger=true"), compiled=False, decoding=True).liger is True
