@@ -8,27 +8,36 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   once for the job (nf4.py, the copy training uses): the same weights, plain matmuls, the adapter unmerged. On an
   H200, greedy decoding of the 250 test prompts: 1.25x, 244 of 250 answers the same text. On 2 AVX2 cores it was
   within the machine's noise (0.9x to 1.4x over six pairs of runs, the same answers): asked for only.
-- **static cache** (`gen.static_cache`, null: with `gen.compile`): transformers' StaticCache, one shape for the whole
-  job: its batches are cut to one size and padded to one width, so a compiled step is reused, not recompiled.
-  Alone, 1.16x on that greedy run.
+- **static cache** (`gen.static_cache`, null: with `gen.compile`): one static KV cache for the whole job
+  (job_cache), reset before each batch; its batches are cut to one size and padded to one width, so a compiled
+  step is reused, not recompiled. Alone, 1.16x on that greedy run (with a new cache per batch, as then).
 - **compile** (`gen.compile`, false unless asked): the decode step compiled by `torch.compile` (mode
   reduce-overhead: CUDA graphs on a GPU), for greedy, sampling and beam search alike; the prompt pass stays eager.
-  The first batch is decoded a few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). It
-  gives the plain path's text on a CPU. On an H200 a first version, which compiled the prompt pass too, crashed
-  (pytorch/pytorch#192748); this one is not measured there yet, so it is not on by default.
+  The first batch is decoded a few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). On an
+  H200 (docs/BENCHMARKS.md) a first version crashed (it compiled the prompt pass); the next ran, but slower than
+  the plain path: Gemma 3's step was recompiled at every token (transformers' sliding-window cache layer counts in
+  a Python int), beam search's reorder replaced the cache's tensors (CUDA graphs skipped), and generate gave the
+  step no positions (the wrapper hid the model's signature). Each is fixed and tested on a CPU (one compile per
+  job, whatever it decodes); not yet measured on a GPU, so it stays opt-in.
 
 Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
-back to the plain path with a warning naming the setting, and the batch is decoded again.
+back to the plain path with a warning naming the setting, and the batch is decoded again. A model whose cache
+kinds would recompile the step (a sliding window shorter than the job's prompts and answers, linear attention)
+takes transformers' own static cache, uncompiled, and the log says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator
 
 import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
+from transformers.generation import utils as generation_utils
 
 from adl_llm.batching import padded_width
 from adl_llm.config import GenConfig
@@ -40,6 +49,20 @@ log = logging.getLogger(__name__)
 
 WIDTH_MULTIPLE = 64  # prompt widths of a static-cache job are rounded up to this
 COMPILE_MODE = "reduce-overhead"  # CUDA graphs of the decode step; a CPU compiles with mode "default"
+# generate's keyword for a cache it is given: `cache` since transformers renamed it (5.2x, which lists the names it
+# accepts), `past_key_values` before, which later releases still take but warn about
+CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+class FixedAddressLayer(StaticLayer):
+    """transformers' StaticLayer, reordered in place for beam search: StaticLayer's reorder makes new tensors, and a
+    CUDA graph that captured the old ones is skipped ("mutated inputs", seen on an H200 at beams 5)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            index = beam_idx.to(self.keys.device)
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
 
 
 @dataclasses.dataclass
@@ -68,7 +91,7 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         log.info("gen.compile: off, because gen.static_cache=false (a compiled step needs the cache's fixed shape)")
         compiled = False
     if compiled and on_gpu:
-        log.warning("gen.compile=true: experimental on a GPU (a first version crashed on an H200, docs/BENCHMARKS.md)")
+        log.warning("gen.compile=true: experimental on a GPU (not yet measured since its fixes, docs/BENCHMARKS.md)")
     # On a CPU the copy was no clear gain (docs/BENCHMARKS.md), so it is made only when asked, and from the weights
     # unpacked from bitsandbytes' CPU packing (a pipeline scores, which packs them, before it decodes).
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
@@ -83,11 +106,30 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         yield path
 
 
-def generation_settings(width: int, max_new_tokens: int) -> dict:
-    """The GenerationConfig keys of a static-cache path: one cache length for every batch of the job."""
+def generation_settings() -> dict:
+    """The GenerationConfig keys of a static-cache path, whose cache (job_cache) is passed to generate."""
     # transformers would compile the step of a static cache by itself, but only when sampling or greedy (not in beam
     # search) and never for a bitsandbytes model: compiled() does it for every setting instead.
-    return {"cache_implementation": "static", "max_cache_len": width + max_new_tokens, "disable_compile": True}
+    return {"disable_compile": True}
+
+
+def job_cache(model, max_cache_len: int):
+    """One static KV cache for every batch of a job (reset before each): its tensors keep their addresses, which
+    the CUDA graphs of a compiled step captured. Each layer is a FixedAddressLayer, also where the architecture
+    has a sliding window, as long as the window is no shorter than the cache (it never slides then), since
+    transformers' sliding layer counts its length in a Python int that a compiled step would be recompiled for at
+    every token (seen on an H200: Gemma 3's 5 sliding layers of 6). None where that does not hold: other layer kinds
+    (linear attention, shared KV), a window shorter than the prompts and answers; those take transformers' own
+    static cache, uncompiled."""
+    config = model.config.get_text_config(decoder=True)
+    kinds, settings = get_layer_types_and_kwargs(config)
+    for kind, layer in zip(kinds, settings):
+        window = layer.get("sliding_window") or max_cache_len
+        if kind not in ("full_attention", "sliding_attention") or window < max_cache_len:
+            return None
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [FixedAddressLayer(max_cache_len=max_cache_len) for _ in kinds]
+    return cache
 
 
 @contextlib.contextmanager
@@ -104,6 +146,9 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
         eager = base.forward
         compiled_forward = torch.compile(eager, mode=mode, dynamic=False)
 
+        # The model's own signature, which generate reads: without `position_ids` in it, generate passes none, and
+        # the model counts positions from its cache, ignoring left padding.
+        @functools.wraps(eager)
         def step(*args, **kwargs):
             ids = kwargs.get("input_ids")
             if ids is None or ids.shape[-1] != 1:

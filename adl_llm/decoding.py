@@ -141,18 +141,31 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
         return []
     device = next(model.parameters()).device
     width = decode_path.bucket(len(encoded[share[0]])) if path.static_cache else None
-    # one cache length for every batch, the warm-up's too
-    cache = decode_path.generation_settings(width, gen.max_new_tokens) if path.static_cache else {}
-    settings = generation_config(gen, tokenizer, **cache)
+    extra, cache = {}, None
+    if path.static_cache:  # one cache length for every batch, the warm-up's too
+        extra = decode_path.generation_settings()
+        cache = decode_path.job_cache(model, width + gen.max_new_tokens)
+        if cache is None:
+            extra.update(cache_implementation="static", max_cache_len=width + gen.max_new_tokens)
+            if path.compile:
+                log.info("gen.compile: off, since this model's KV cache kinds would recompile the step (decode_path)")
+                path = dataclasses.replace(path, compile=False)
+                stats["path"] = path.describe()
+    settings = generation_config(gen, tokenizer, **extra)
 
     def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
         ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
+        given = {}
+        if cache is not None:
+            cache.reset()
+            given[decode_path.CACHE_KWARG] = cache
         with decode_path.compiled(model, path):
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=settings,
                 stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
+                **given,
             )
         decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [cut_at_stop(text, gen.stop_strings) for text in decoded]
@@ -161,7 +174,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
         warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
-        run(fixed[0][0], generation_config(warm, tokenizer, **cache))
+        run(fixed[0][0], generation_config(warm, tokenizer, **extra))
         stats["warmup_seconds"] += time.perf_counter() - started
     texts: list[str] = []
     bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())

@@ -155,6 +155,109 @@ def test_only_the_decode_step_is_compiled(tiny, monkeypatch):
     assert "forward" not in vars(model)  # the model's own forward again
 
 
+def _tiny_gemma3(tokenizer, sliding_window: int):
+    """A 2-layer Gemma 3 of random weights, one sliding-window layer and one full: transformers' static cache keeps
+    a Python count in the sliding one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _compiles(model, tokenizer, encoded, gen, monkeypatch) -> tuple[list[str], dict, int, list[bool]]:
+    """Decode on the compiled path with a backend that counts the graphs compiled (run as traced, no inductor);
+    the answers, stats, count, and whether each compiled call was given position_ids."""
+    graphs, given_positions = [], []
+    real_compile = torch.compile
+
+    def counted(forward, mode=None, dynamic=None):
+        def backend(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        compiled_forward = real_compile(forward, backend=backend, dynamic=dynamic)
+
+        def call(*args, **kwargs):
+            given_positions.append(kwargs.get("position_ids") is not None)
+            return compiled_forward(*args, **kwargs)
+
+        return call
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counted)
+    monkeypatch.setattr(model, "_adl_llm_compiled_forward", None, raising=False)
+    stats: dict = {}
+    with torch._dynamo.config.patch(recompile_limit=100):  # a step recompiled at every token shows in the count
+        texts = generate_from_ids(
+            model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True, stats=stats
+        )
+    monkeypatch.undo()
+    return texts, stats, len(graphs), given_positions
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_compiled_job_compiles_its_step_once_whatever_it_decodes(tiny, architecture, beams, monkeypatch):
+    """What a CUDA graph needs: the same graphs for every step and batch of a job, so decoding twice as many tokens
+    compiles nothing more (on an H200 Gemma 3's step was recompiled at every token, beam search's reorder gave the
+    cache new tensors, and generate passed no positions to the compiled step), and the plain path's text."""
+    model, tokenizer, encoded = tiny
+    if architecture == "gemma3":
+        model = _tiny_gemma3(tokenizer, sliding_window=512)
+    counts = []
+    for new_tokens in (4, 8):
+        gen = _gen(beams=beams, batch_size=4, max_new_tokens=new_tokens, stop_strings=[])
+        plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+        texts, stats, count, given_positions = _compiles(model, tokenizer, encoded, gen, monkeypatch)
+        assert texts == plain and stats["path"] == "static_cache+compile"
+        assert given_positions and all(given_positions)
+        counts.append(count)
+    assert counts[0] == counts[1] > 0
+
+
+def test_the_job_cache_reorders_beams_in_place(tiny):
+    """A CUDA graph captured the cache's tensors: beam search's reorder must move rows within them, not replace them
+    (transformers' StaticLayer replaces them, and the graph was skipped on an H200: "mutated inputs")."""
+    model, _, _ = tiny
+    cache = decode_path.job_cache(model, max_cache_len=8)
+    assert all(isinstance(layer, decode_path.FixedAddressLayer) for layer in cache.layers)
+    layer = cache.layers[0]
+    keys, values = torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16)
+    layer.update(keys, values)
+    addresses = (layer.keys.data_ptr(), layer.values.data_ptr())
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert (layer.keys.data_ptr(), layer.values.data_ptr()) == addresses
+    torch.testing.assert_close(layer.keys[:, :, 0], keys[[2, 0, 0], :, 0])
+    torch.testing.assert_close(layer.values[:, :, 0], values[[2, 0, 0], :, 0])
+
+
+def test_a_sliding_window_shorter_than_the_job_is_decoded_uncompiled(tiny, monkeypatch, caplog):
+    """Where the window would slide within a job, the sliding layer's count would recompile the step at every token:
+    transformers' own static cache then, not compiled, and the log says so."""
+    _, tokenizer, encoded = tiny
+    model = _tiny_gemma3(tokenizer, sliding_window=16)
+    gen = _gen(batch_size=4, max_new_tokens=8, stop_strings=[])
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    with caplog.at_level(logging.INFO):
+        texts, stats, count, _ = _compiles(model, tokenizer, encoded, gen, monkeypatch)
+    assert texts == plain and stats["path"] == "static_cache" and count == 0
+    assert "gen.compile: off" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_compiled_step_decodes_the_text_of_the_plain_path(tiny):
     """torch.compile on a CPU (mode default: CUDA graphs are the GPU's); about half a minute the first time."""
