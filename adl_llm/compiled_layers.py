@@ -8,7 +8,10 @@ backward, into a few kernels. Compiling layer by layer, not the whole model, kee
 
 Opt-in until measured on a GPU: the CPU tests show the same losses as the eager path. Inductor draws dropout's random
 numbers its own way, so with `lora.lora_dropout` > 0 the masks differ from the eager path's (the same distribution).
-A model that does not compile stops the run with one line naming the setting.
+A model that does not compile stops the run with one line naming the setting and the backend's error. Seen on an
+H200: the 7B shape in NF4 with gradient checkpointing (the default 10 GiB budget) failed in inductor's partitioner
+("AssertionError: Node add_380 was invalid, but is output"); without checkpointing (40 GiB) it compiled and ran.
+The same model class, NF4 and checkpointing compile on a CPU (tests/test_compiled_layers.py).
 """
 
 from __future__ import annotations
@@ -20,8 +23,17 @@ from collections.abc import Iterator
 import torch
 
 from adl_llm.errors import RunFailed
+from adl_llm.modeling import gradient_checkpointing_on
 
 log = logging.getLogger(__name__)
+
+
+def compile_failure(err: Exception) -> str:
+    """One line on why a compile failed: the backend's own error where there is one (a BackendCompilerFailed's
+    first line says only "backend='inductor' raised:")."""
+    cause = getattr(err, "inner_exception", None) or err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -48,8 +60,9 @@ def compiled_layers(model, enabled: bool) -> Iterator[int]:
     try:
         yield len(layers)
     except torch._dynamo.exc.TorchDynamoException as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        message = f"train.compile: torch.compile failed on this model ({first}); set train.compile=false"
+        checkpointed = gradient_checkpointing_on(model)
+        advice = "set train.compile=false" + (" or train.gradient_checkpointing=false" if checkpointed else "")
+        message = f"train.compile: torch.compile failed on this model ({compile_failure(err)}); {advice}"
         raise RunFailed(message) from err
     finally:  # evaluation and generation follow in the same process, on the eager layers
         for layer in layers:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from adl_llm.compiled_layers import compiled_layers, decoder_layers
 from adl_llm.errors import RunFailed
+from adl_llm.modeling import set_gradient_checkpointing
 from adl_llm.tasks import run_train
 from tests.conftest import compose_config, tiny_overrides
 
@@ -36,10 +37,22 @@ def test_layers_are_compiled_within_and_eager_after(tiny_model_dir, caplog):
 
 def test_a_model_that_does_not_compile_stops_the_run_in_one_line(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    refused = pytest.raises(RunFailed, match=r"^train.compile: torch.compile failed on this model \(boom\); set train")
-    with refused, compiled_layers(model, True):
+    failure = r"\(TorchDynamoException: boom\); set train\.compile=false$"
+    message = r"^train.compile: torch.compile failed on this model " + failure
+    with pytest.raises(RunFailed, match=message), compiled_layers(model, True):
         raise torch._dynamo.exc.TorchDynamoException("boom\nand its long trace")
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+    # The backend's own error, not the wrapper's first line; with checkpointing on, turning it off is advised too.
+    set_gradient_checkpointing(model, True)
+    failed = torch._dynamo.exc.TorchDynamoException("backend='inductor' raised:\nAssertionError: ...")
+    failed.inner_exception = AssertionError("Node add_380 was invalid, but is output")
+    with pytest.raises(RunFailed) as caught, compiled_layers(model, True):
+        raise failed
+    assert str(caught.value) == (
+        "train.compile: torch.compile failed on this model (AssertionError: Node add_380 was invalid, but is output); "
+        "set train.compile=false or train.gradient_checkpointing=false"
+    )
 
 
 @pytest.mark.slow
