@@ -254,26 +254,36 @@ def _pair_row(label: str, base: dict, fw: dict, key: str, fmt: str) -> list[str]
 
 
 def _gen(data: dict) -> str:
+    runs = {key: run for key, run in data.items() if key.startswith("beams")}
+    with_fast = any("fast" in run for run in runs.values())
     header = ["beams", "batch-1 ex/s", "adl-llm ex/s", "ratio", "batch-1 peak GiB", "adl-llm peak GiB", "same text"]
+    if with_fast:
+        header += ["fast path ex/s", "fast / adl-llm", "warm-up s", "fast peak GiB", "fast: same text as adl-llm"]
     rows, settings = [], {}
-    for key, run in data.items():
-        if not key.startswith("beams"):
-            continue
+    for key, run in runs.items():
         if "error" in run:
-            rows.append([key.removeprefix("beams"), f"failed: {run['error']}", "", "", "", "", ""])
+            rows.append([key.removeprefix("beams"), f"failed: {run['error']}"] + [""] * (len(header) - 2))
             continue
         base, fw, settings = run["baseline"], run["framework"], run["settings"]
-        rows.append(
-            [
-                str(settings["beams"]),
-                _fmt(base["examples_per_s"], "{:.2f}"),
-                _fmt(fw["examples_per_s"], "{:.2f}"),
-                _ratio(fw["examples_per_s"], base["examples_per_s"]),
-                _fmt(base.get("peak_alloc_gib"), "{:.2f}"),
-                _fmt(fw.get("peak_alloc_gib"), "{:.2f}"),
-                f"{run['same_text']}/{data.get('n_prompts_baseline', data['n_prompts'])}",
+        row = [
+            str(settings["beams"]),
+            _fmt(base["examples_per_s"], "{:.2f}"),
+            _fmt(fw["examples_per_s"], "{:.2f}"),
+            _ratio(fw["examples_per_s"], base["examples_per_s"]),
+            _fmt(base.get("peak_alloc_gib"), "{:.2f}"),
+            _fmt(fw.get("peak_alloc_gib"), "{:.2f}"),
+            f"{run['same_text']}/{data.get('n_prompts_baseline', data['n_prompts'])}",
+        ]
+        if with_fast:
+            fast = run.get("fast", {})
+            row += [
+                f"{_fmt(fast.get('examples_per_s'), '{:.2f}')} ({fast.get('path', 'n/a')})",
+                _ratio(fast.get("examples_per_s"), fw["examples_per_s"]),
+                _fmt(fast.get("warmup_seconds"), "{:.1f}"),
+                _fmt(fast.get("peak_alloc_gib"), "{:.2f}"),
+                f"{fast.get('same_text_as_batched', 'n/a')}/{data['n_prompts']}",
             ]
-        )
+        rows.append(row)
     n_base = data.get("n_prompts_baseline", data.get("n_prompts"))
     batch = settings.get("batch_size") or f"sized from gen.memory_budget_gb={settings.get('memory_budget_gb')}"
     note = (
@@ -281,6 +291,8 @@ def _gen(data: dict) -> str:
         f"first {n_base} public-test prompts, adl-llm over {data.get('n_prompts')} (batch {batch}); 'same text' "
         f"counts the first {n_base}"
     )
+    if with_fast:
+        note += "; the fast path's examples/s leave out its warm-up (compiling), given apart"
     return note + "\n\n" + _table(header, rows)
 
 

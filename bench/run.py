@@ -9,8 +9,10 @@ and checkpointing, bench/peer.py, for `--peers`; the seed-style HF Trainer basel
 ABLATIONS for `--ablation-steps`), `ppl` (the course ppl.py loop against adl-llm's batched perplexity at several
 batch sizes, on the same model instance; with `--precision-check`, both again on an fp32-compute instance),
 `gen` (one prompt at a time on the first `--n-gen-baseline` prompts against adl-llm's batched decoding of
-`--n-gen` prompts, at each of `--beams`: a rate against a rate, each over the work it is used for). Every model is
-loaded fresh for its part and freed after it, and the peak-memory count restarts with each measurement. The JSON
+`--n-gen` prompts, at each of `--beams`: a rate against a rate, each over the work it is used for; with
+`--gen-fast`, the default, also the fast path of a generate job with `gen.compile=true`, its warm-up apart; the
+model loaded as a generate job loads it, without Liger). Every model is loaded fresh for its part and freed after
+it, and the peak-memory count restarts with each measurement. The JSON
 is rewritten after each part, so a run stopped by a time limit keeps what it finished; a part that fails
 records its error and the next one runs. Scratch files (Trainer output, checkpoints) go to a temporary folder:
 `--out` receives only the JSON; a run of some parts writes `OUT/<model>-<parts>.json` (bench.report merges them).
@@ -35,6 +37,7 @@ from adl_llm.data import load_records
 from adl_llm.encode import encode_examples
 from adl_llm.modeling import load_model, load_tokenizer, model_source
 from adl_llm.prompts import build_prompts
+from adl_llm.tasks import model_settings
 from bench import baseline, framework, measure, peer, report
 
 DEFAULT_PATHS = {"embedded": "embedded:gemma3-270m", "llama7b": "/tmp/llama7b"}
@@ -79,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-sizes", default="1,16", help="adl-llm batch sizes timed besides the default")
     parser.add_argument("--precision-check", action="store_true", help="ppl of both sides again with fp32 compute")
     parser.add_argument("--gen-batch-size", type=int, help="adl-llm's gen.batch_size (default: the config's)")
+    parser.add_argument(
+        "--gen-fast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode on the fast path of a generate job with gen.compile=true (its warm-up timed apart)",
+    )
     args = parser.parse_args(argv)
     args.parts = [p for p in args.only.split(",") if p]
     unknown = set(args.parts) - set(PARTS)
@@ -179,15 +188,18 @@ def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> N
     """Perplexity and generation on one NF4 model instance (adl-llm's loader), both sides on the same weights."""
     cfg = compose(f"model.name_or_path={source}")
     records = load_records(cfg.data.eval_file, need_outputs=True)
-    model = load_model(cfg.model, source=source)
-    if "gen" in args.parts:  # first: the precision check of ppl replaces the model
+    if "gen" in args.parts:  # as a generate job loads it (without Liger unless asked), then as eval does
+        model = load_model(model_settings(cfg, compiled=False, decoding=True), source=source)
         result["gen"] = _part("gen", partial(bench_gen, args, cfg, model, tokenizer, records[: args.n_gen]))
         write_json(path, result)
+        del model
+        measure.free()
     if "ppl" in args.parts:
+        model = load_model(cfg.model, source=source)
         result["ppl"] = _part("ppl", partial(bench_ppl, args, cfg, model, tokenizer, records[: args.n_eval]))
         write_json(path, result)
-    del model
-    measure.free()
+        del model
+        measure.free()
 
 
 def bench_ppl(args, cfg, model, tokenizer, records) -> dict:
@@ -256,7 +268,17 @@ def bench_gen(args, cfg, model, tokenizer, records) -> dict:
         same = sum(b == f for b, f in zip(base["texts"], fw["texts"]))
         settings = dataclasses.asdict(gen)
         out[f"beams{beams}"] = {"settings": settings, "baseline": base, "framework": fw, "same_text": same}
-        print(f"gen beams {beams}: {base['examples_per_s']:.2f} vs {fw['examples_per_s']:.2f} ex/s", flush=True)
+        line = f"gen beams {beams}: {base['examples_per_s']:.2f} vs {fw['examples_per_s']:.2f} ex/s"
+        if args.gen_fast:
+            fast_gen = dataclasses.replace(gen, compile=True)
+            fast = framework.generate_framework(
+                model, tokenizer, prompts, fast_gen, cudnn=cfg.model.cudnn_attention, fast=True
+            )
+            fast["same_text_as_batched"] = sum(a == b for a, b in zip(fw["texts"], fast["texts"]))
+            out[f"beams{beams}"]["fast"] = fast
+            speed, warmup = fast["examples_per_s"], fast["warmup_seconds"]
+            line += f", fast path ({fast['path']}) {speed:.2f} ex/s after {warmup:.1f} s of warm-up"
+        print(line, flush=True)
     return out
 
 

@@ -47,9 +47,14 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
     gen = result["gen"]
     assert gen["n_prompts"] == 4 and gen["n_prompts_baseline"] == 2
     for beams in (1, 3, 5):
-        assert len(gen[f"beams{beams}"]["framework"]["texts"]) == 4
+        run = gen[f"beams{beams}"]
+        assert len(run["framework"]["texts"]) == 4
+        # the fast path of a generate job, compiled (on a CPU too), its warm-up apart, the batched path's text
+        assert run["fast"]["path"] == "static_cache+compile" and run["fast"]["warmup_seconds"] > 0
+        assert run["fast"]["texts"] == run["framework"]["texts"] and run["fast"]["same_text_as_batched"] == 4
     text = report.render(report.load([tmp_path]))
     assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text
+    assert "fast path ex/s" in text and "(static_cache+compile)" in text
     assert "Training against the peer, TRL's SFTTrainer" in text and "| trl + liger |" in text
     capsys.readouterr()
 
