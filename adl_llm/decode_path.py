@@ -8,9 +8,9 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   once for the job (nf4.py, the copy training uses): the same weights, plain matmuls, the adapter unmerged. On an
   H200, greedy decoding of the 250 test prompts: 1.25x, 244 of 250 answers the same text. On 2 AVX2 cores it was
   within the machine's noise (0.9x to 1.4x over six pairs of runs, the same answers): asked for only.
-- **static cache** (`gen.static_cache`, null: with `gen.compile`): one static KV cache for the whole job
-  (job_cache), reset before each batch; its batches are cut to one size and padded to one width, so a compiled
-  step is reused, not recompiled. Alone, 1.16x on that greedy run (with a new cache per batch, as then).
+- **static cache** (`gen.static_cache`, null: with `gen.compile`): transformers' StaticCache, one shape for the
+  whole job: its batches are cut to one size and padded to one width, so a compiled step is reused, not
+  recompiled; a compiled job keeps one cache for all its batches (job_cache). Alone, 1.16x on that greedy run.
 - **compile** (`gen.compile`, false unless asked): the decode step compiled by `torch.compile` (mode
   reduce-overhead: CUDA graphs on a GPU), for greedy, sampling and beam search alike; the prompt pass stays eager.
   The first batch is decoded a few tokens first, to compile and capture, timed apart (`gen/warmup_seconds`). On an
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import torch
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from transformers.generation import utils as generation_utils
 
 from adl_llm.batching import padded_width
@@ -107,28 +107,29 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
 
 
 def generation_settings() -> dict:
-    """The GenerationConfig keys of a static-cache path, whose cache (job_cache) is passed to generate."""
+    """The GenerationConfig keys of a static-cache path (a compiled job's cache, job_cache, is passed to generate;
+    otherwise transformers makes a static one per batch)."""
     # transformers would compile the step of a static cache by itself, but only when sampling or greedy (not in beam
     # search) and never for a bitsandbytes model: compiled() does it for every setting instead.
     return {"disable_compile": True}
 
 
 def job_cache(model, max_cache_len: int):
-    """One static KV cache for every batch of a job (reset before each): its tensors keep their addresses, which
-    the CUDA graphs of a compiled step captured. Each layer is a FixedAddressLayer, also where the architecture
-    has a sliding window, as long as the window is no shorter than the cache (it never slides then), since
-    transformers' sliding layer counts its length in a Python int that a compiled step would be recompiled for at
-    every token (seen on an H200: Gemma 3's 5 sliding layers of 6). None where that does not hold: other layer kinds
-    (linear attention, shared KV), a window shorter than the prompts and answers; those take transformers' own
-    static cache, uncompiled."""
-    config = model.config.get_text_config(decoder=True)
-    kinds, settings = get_layer_types_and_kwargs(config)
-    for kind, layer in zip(kinds, settings):
-        window = layer.get("sliding_window") or max_cache_len
-        if kind not in ("full_attention", "sliding_attention") or window < max_cache_len:
+    """One static KV cache for every batch of a compiled job (reset before each): its tensors keep their addresses,
+    which the CUDA graphs of the step captured. Each layer is a FixedAddressLayer, also where the architecture has a
+    sliding window, as long as the window is no shorter than the cache (it never slides then), since transformers'
+    sliding layer counts its length in a Python int that a compiled step would be recompiled for at every token
+    (seen on an H200: Gemma 3's 5 sliding layers of 6). None where that does not hold: other layer kinds (linear
+    attention, shared KV), a window shorter than the prompts and answers."""
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+    for layer in cache.layers:
+        # a sliding layer holds min(window, max_cache_len) positions: all of them when the window cannot slide
+        fits = type(layer) is StaticLayer or (
+            type(layer) is StaticSlidingWindowLayer and layer.max_cache_len == max_cache_len
+        )
+        if not fits:
             return None
-    cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    cache.layers = [FixedAddressLayer(max_cache_len=max_cache_len) for _ in kinds]
+    cache.layers = [FixedAddressLayer(max_cache_len=max_cache_len) for _ in cache.layers]
     return cache
 
 

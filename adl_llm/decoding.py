@@ -124,13 +124,17 @@ def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress)
             log.warning(
                 "decoding with a %s failed (%s: %s); decoding again on the plain path (gen.static_cache=false "
                 "gen.compile=false skip the attempt)",
-                "compiled step" if path.compile else "static cache",
+                "compiled step" if "compile" in stats["path"] else "static cache",
                 type(err).__name__,
                 str(err).strip().splitlines()[0][:200] if str(err).strip() else "",
             )
-            path = dataclasses.replace(path, static_cache=False, compile=False)
-            stats["path"] = path.describe()
-            return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
+        # Out of the except block: the failed attempt's frames, and its static cache with them, are gone, so the
+        # plain path's batches are sized on the memory it really has.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        path = dataclasses.replace(path, static_cache=False, compile=False)
+        stats["path"] = path.describe()
+        return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
 
     return work
 
@@ -144,13 +148,13 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     extra, cache = {}, None
     if path.static_cache:  # one cache length for every batch, the warm-up's too
         extra = decode_path.generation_settings()
-        cache = decode_path.job_cache(model, width + gen.max_new_tokens)
+        cache = decode_path.job_cache(model, width + gen.max_new_tokens) if path.compile else None
         if cache is None:
             extra.update(cache_implementation="static", max_cache_len=width + gen.max_new_tokens)
-            if path.compile:
-                log.info("gen.compile: off, since this model's KV cache kinds would recompile the step (decode_path)")
-                path = dataclasses.replace(path, compile=False)
-                stats["path"] = path.describe()
+        if path.compile and cache is None:
+            log.info("gen.compile: off, since this model's KV cache kinds would recompile the step (decode_path)")
+            path = dataclasses.replace(path, compile=False)
+            stats["path"] = path.describe()
     settings = generation_config(gen, tokenizer, **extra)
 
     def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:

@@ -43,6 +43,8 @@ KERNELS = {
     "fused_linear_cross_entropy": False,
 }
 
+ROPE = "apply_rotary_pos_emb"  # the RoPE function of a modeling module, which Liger replaces (guarded, see above)
+
 _pristine: dict[str, dict] = {}  # modeling module name -> {name: value} of what Liger replaced there
 
 
@@ -80,9 +82,6 @@ def _apply(model, module) -> None:
                 patched.setdefault(name, value)
     if vars(module).get(ROPE) is not before.get(ROPE) and ROPE in patched:
         setattr(module, ROPE, _one_token_steps_unfused(getattr(module, ROPE), patched[ROPE]))
-
-
-ROPE = "apply_rotary_pos_emb"  # the name of the RoPE function in a modeling module, which Liger replaces
 
 
 def _one_token_steps_unfused(fused, reference):

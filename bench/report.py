@@ -276,6 +276,10 @@ def _gen(data: dict) -> str:
         ]
         if with_fast:
             fast = run.get("fast", {})
+            if "error" in fast:
+                row += [f"failed: {fast['error']}"] + [""] * 4
+                rows.append(row)
+                continue
             row += [
                 f"{_fmt(fast.get('examples_per_s'), '{:.2f}')} ({fast.get('path', 'n/a')})",
                 _ratio(fast.get("examples_per_s"), fw["examples_per_s"]),

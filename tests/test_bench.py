@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from bench import peer, profile_train, report
+from bench import framework, peer, profile_train, report
 from bench import run as bench_run
 from tests.conftest import read_json
 
@@ -118,3 +119,29 @@ def test_decode_table_compares_each_run_with_its_plain_twin_and_names_failures(t
     assert by_run["greedy-dequantize"]["same_text"] == "2/3" and by_run["greedy-dequantize"]["command_s"] == 31.0
     assert by_run["greedy-plain"]["speedup"] is None and by_run["sampling-fast"]["failed"]
     assert "| sampling-fast | failed: no metrics.json" in decode_table.markdown(table)
+
+
+def test_a_failing_fast_path_costs_only_its_own_figure(tiny_model_dir, monkeypatch, capsys):
+    from argparse import Namespace
+
+    from adl_llm.config import compose
+    from adl_llm.data import load_records
+    from adl_llm.modeling import load_model, load_tokenizer
+
+    cfg = compose(f"model.name_or_path={tiny_model_dir}", "model.quant=none", "model.dtype=float32")
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model, str(tiny_model_dir))
+    records = load_records(cfg.data.eval_file, need_outputs=True, limit=2)
+    real = framework.generate_framework
+
+    def fast_fails(*args, fast=False, **kwargs):
+        if fast:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(framework, "generate_framework", fast_fails)
+    args = Namespace(beams="1", max_new_tokens=3, gen_batch_size=None, n_gen_baseline=1, gen_fast=True)
+    out = bench_run.bench_gen(args, cfg, model, tokenizer, records)
+    assert out["beams1"]["fast"] == {"error": "OutOfMemoryError: CUDA out of memory"}
+    assert len(out["beams1"]["framework"]["texts"]) == 2 and out["beams1"]["baseline"]["examples_per_s"] > 0
+    assert "failed: OutOfMemoryError" in report._gen(out)
+    capsys.readouterr()

@@ -150,9 +150,11 @@ def test_one_token_steps_take_transformers_rope_and_longer_queries_liger_s(tiny_
     plain_rope = modeling_llama.apply_rotary_pos_emb
     monkeypatch.setattr(kernels, "why_not", lambda model: None)
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.none, dtype=DType.float32)
-    for _ in range(2):  # Liger applied again in the same process (a multirun) still guards its RoPE
-        load_model(cfg)
+    model = load_model(cfg)
+    kernels.apply_liger(model, None)  # applied again over the guarded function: the guard wraps the plain one
     rope = modeling_llama.apply_rotary_pos_emb
+    assert rope.__wrapped__ is liger_rope
+    assert plain_rope in [cell.cell_contents for cell in rope.__closure__]  # not the first guard, nested
     torch.manual_seed(0)
     cos, sin = torch.randn(4, 1, 8), torch.randn(4, 1, 8)
     q, k = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8)  # (batch, heads, one token, head_dim)
