@@ -1,9 +1,10 @@
 """The data-parallel table: training runs on one and on several GPUs, each against the one-GPU run of its batch.
 
-    python -m bench.ddp_table $KEEP/ddp7b     # folders <n>gpu-b<batch>/ with metrics.json (bench/gpu_session.sh)
+    python -m bench.ddp_table $KEEP/ddp7b     # folders <n>gpu-b<batch>[-<variant>]/ with metrics.json
 
 Speed is the run's `train/tokens_per_s` (all ranks' tokens over the run's training time, first steps included);
 the loss difference is the mean absolute difference of the per-step losses from the one-GPU run of the same batch.
+A variant (`-compile`: bench/gpu_session.sh ddp7b_compile) is compared with the one-GPU run of its own variant.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from adl_llm.artifacts import read_json
 
-RUN = re.compile(r"^(\d+)gpu-b(\d+)$")
+RUN = re.compile(r"^(\d+)gpu-b(\d+)(?:-([\w+]+))?$")
 
 
 def rows(folder: Path) -> list[dict]:
@@ -22,13 +23,14 @@ def rows(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*/metrics.json")):
         found = RUN.match(path.parent.name)
         if found:
-            runs[int(found[1]), int(found[2])] = read_json(path)
+            runs[int(found[1]), int(found[2]), found[3] or ""] = read_json(path)
     out = []
-    for (gpus, batch), metrics in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
-        one = runs.get((1, batch))
+    for (gpus, batch, variant), metrics in sorted(runs.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
+        one = runs.get((1, batch, variant))
         row = {
             "gpus": gpus,
             "batch": batch,
+            "variant": variant,
             "tokens_per_s": metrics["train/tokens_per_s"],
             "peak_gib": metrics.get("run/peak_gpu_alloc_gib"),
             "speedup": metrics["train/tokens_per_s"] / one["train/tokens_per_s"] if one else None,
@@ -46,12 +48,12 @@ def markdown(table: list[dict]) -> str:
         return "" if value is None else format(value, spec)
 
     lines = [
-        "| GPUs | global batch | tokens/s | x 1 GPU | peak GiB (rank 0) | mean abs. loss difference |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| GPUs | global batch | variant | tokens/s | x 1 GPU | peak GiB (rank 0) | mean abs. loss difference |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
         lines.append(
-            f"| {r['gpus']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {fmt(r['speedup'], '.2f')} | "
+            f"| {r['gpus']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | {fmt(r['speedup'], '.2f')} | "
             f"{fmt(r['peak_gib'], '.2f')} | {fmt(r['loss_diff'], '.4f')} |"
         )
     return "\n".join(lines)

@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
 #   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
+#   bash bench/gpu_session.sh ddp7b_compile          # 2 GPUs: batch 16 on one and on both with train.compile=true
 #   bash bench/gpu_session.sh sweep_gpus             # 2 GPUs: a 4-job sweep one job after another on one GPU,
 #                                                    # then spread over both (hydra/launcher=gpus)
 #   bash bench/gpu_session.sh pack NAME              # KEEP's results (no checkpoints) as $OUT/NAME.tgz
@@ -109,10 +110,11 @@ llama7b() { test -d /tmp/llama7b || $PY -m bench.build_llama7b /tmp/llama7b; }
 
 # The 7B shape, the first 3000 records, global batch 16 (40 steps) and 64 (12 steps); per-step losses in metrics.json.
 DDP7B=(task=train model.name_or_path=/tmp/llama7b data.n_eval=16 train.save_every=0)
-ddp7b_run() {  # NAME NPROC BATCH STEPS
+ddp7b_run() {  # NAME NPROC BATCH STEPS [OVERRIDES...]
   local name=$1 nproc=$2 batch=$3 steps=$4 launch=(-m adl_llm.run)
+  shift 4
   if [ "$nproc" -gt 1 ]; then launch=(-m torch.distributed.run --standalone --nproc_per_node="$nproc" "${launch[@]}"); fi
-  $PY "${launch[@]}" "${DDP7B[@]}" train.batch_size="$batch" train.max_steps="$steps" \
+  $PY "${launch[@]}" "${DDP7B[@]}" train.batch_size="$batch" train.max_steps="$steps" "$@" \
     hydra.run.dir="$KEEP/ddp7b/$name" > "$KEEP/ddp7b-$name.log" 2>&1 || tail -n 20 "$KEEP/ddp7b-$name.log"
   rm -rf "$KEEP/ddp7b/$name/adapter" "$KEEP/ddp7b/$name/checkpoints"
 }
@@ -134,6 +136,14 @@ ddp7b() {  # both GPUs: the same runs under torchrun (NCCL's transport logged), 
   CUDA_VISIBLE_DEVICES=0 $PY -m bench.profile_train --model-path /tmp/llama7b --passes 3 --out "$KEEP/profile-1gpu7b" \
     > "$KEEP/profile-1gpu7b.log" 2>&1 || tail -n 20 "$KEEP/profile-1gpu7b.log"
   head -n 4 "$KEEP"/profile-ddp7b/*.txt "$KEEP"/profile-1gpu7b/*.txt || true
+  $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
+}
+
+ddp7b_compile() {  # the same at batch 16 with compiled decoder layers (train.compile: 40 GiB, no checkpointing)
+  llama7b
+  local fast=(train.compile=true train.memory_budget_gb=40)
+  CUDA_VISIBLE_DEVICES=0 ddp7b_run 1gpu-b16-compile 1 16 40 "${fast[@]}"
+  ddp7b_run 2gpu-b16-compile 2 16 40 "${fast[@]}"
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
 

@@ -71,14 +71,28 @@ def test_ddp_table_compares_each_run_with_one_gpu_at_its_batch(tmp_path):
     from adl_llm.artifacts import write_json
     from bench import ddp_table
 
-    runs = {"1gpu-b16": (1000.0, [2.0, 1.5]), "2gpu-b16": (1800.0, [2.0, 1.52]), "2gpu-b64": (4000.0, [2.1])}
+    runs = {
+        "1gpu-b16": (1000.0, [2.0, 1.5]),
+        "2gpu-b16": (1800.0, [2.0, 1.52]),
+        "2gpu-b64": (4000.0, [2.1]),
+        "1gpu-b16-compile": (1500.0, [2.0, 1.5]),
+        "2gpu-b16-compile": (2850.0, [2.0, 1.5]),
+    }
     for name, (speed, losses) in runs.items():
         write_json(tmp_path / name / "metrics.json", {"train/tokens_per_s": speed, "train/losses": losses})
     table = ddp_table.rows(tmp_path)
-    assert [(r["gpus"], r["batch"]) for r in table] == [(1, 16), (2, 16), (2, 64)]
+    assert [(r["gpus"], r["batch"], r["variant"]) for r in table] == [
+        (1, 16, ""),
+        (2, 16, ""),
+        (2, 64, ""),
+        (1, 16, "compile"),
+        (2, 16, "compile"),
+    ]
     assert table[1]["speedup"] == pytest.approx(1.8) and table[1]["loss_diff"] == pytest.approx(0.01)
     assert table[2]["speedup"] is None  # no one-GPU run at batch 64 to compare with
-    assert "| 2 | 16 | 1,800 | 1.80 |" in ddp_table.markdown(table)
+    assert table[4]["speedup"] == pytest.approx(1.9)  # against the compiled one-GPU run, not the eager one
+    text = ddp_table.markdown(table)
+    assert "| 2 | 16 |  | 1,800 | 1.80 |" in text and "| 2 | 16 | compile | 2,850 | 1.90 |" in text
 
 
 @pytest.mark.slow
