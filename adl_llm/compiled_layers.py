@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from adl_llm.errors import RunFailed
+from adl_llm.errors import RunFailed, first_line
 from adl_llm.modeling import gradient_checkpointing_on
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def compile_failure(err: Exception) -> str:
     """One line on why a compile failed: the backend's own error where there is one (a BackendCompilerFailed's
     first line says only "backend='inductor' raised:")."""
     cause = getattr(err, "inner_exception", None) or err
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+    line = first_line(str(cause)).strip()[:300]
+    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

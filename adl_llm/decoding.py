@@ -24,7 +24,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from adl_llm import decode_path
 from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
-from adl_llm.errors import UserError
+from adl_llm.errors import UserError, first_line
 from adl_llm.memory import GIB
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress)
                 "gen.compile=false skip the attempt)",
                 "compiled step" if "compile" in stats["path"] else "static cache",
                 type(err).__name__,
-                str(err).strip().splitlines()[0][:200] if str(err).strip() else "",
+                first_line(str(err)).strip()[:200],
             )
         # Out of the except block: the failed attempt's frames, and its static cache with them, are gone, so the
         # plain path's batches are sized on the memory it really has.

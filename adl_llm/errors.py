@@ -66,7 +66,7 @@ def one_line_error(exc: BaseException) -> str | None:
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf(cause)
     if isinstance(exc, HydraException):
-        return _first_line(str(exc))
+        return first_line(str(exc))
     if isinstance(exc, ValueError) and isinstance(exc.__cause__, OSError):  # logging's "Unable to configure handler"
         exc = exc.__cause__
     if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
@@ -91,7 +91,7 @@ _CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.EN
 
 def _omegaconf(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
-    message = _first_line(getattr(err, "msg", None) or str(err))
+    message = first_line(getattr(err, "msg", None) or str(err))
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return str(unknown_key(key, _known_keys(err)))
     if isinstance(err, ValidationError):
@@ -110,12 +110,13 @@ def _known_keys(err: OmegaConfBaseException) -> list[str]:
 def _missing_option(exc: MissingConfigException) -> str:
     options = getattr(exc, "options", None) or []
     match = re.search(r"Could not find '([^']+)'", str(exc))
-    wanted = match.group(1) if match else _first_line(str(exc))
+    wanted = match.group(1) if match else first_line(str(exc))
     group, _, option = wanted.rpartition("/")
     if group and options:
         return f"{group}={option}: unknown option; choose one of: {', '.join(sorted(options))}"
-    return _first_line(str(exc))
+    return first_line(str(exc))
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first non-blank line of `text`, stripped (`text` itself when it has none)."""
     return next((line.strip() for line in text.splitlines() if line.strip()), text)
