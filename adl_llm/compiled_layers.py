@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from adl_llm.errors import RunFailed, first_line
+from adl_llm.modeling import gradient_checkpointing_on
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,32 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return best
 
 
-def _checkpointed_call(layer, compiled, *args, **kwargs):
-    """A call of `layer` that recomputes `compiled` (the layer's compiled call) in the backward pass, through the
-    checkpoint function transformers set on the layer (with the model's `use_reentrant`); eager work, such as
-    evaluation, calls it directly."""
-    if layer.training and torch.is_grad_enabled():
-        return layer._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
-    return compiled(*args, **kwargs)
+def _uncheckpointed(layer, compiled, *args, **kwargs):
+    """The compiled call of `layer`, with transformers' checkpointing (which sits inside a layer's forward) off, so
+    the graph holds the layer alone: also when the checkpoint recomputes it in the backward pass."""
+    wanted = layer.gradient_checkpointing
+    layer.gradient_checkpointing = False
+    try:
+        return compiled(*args, **kwargs)
+    finally:
+        layer.gradient_checkpointing = wanted
 
 
-def _compile(layer) -> bool:
-    """Compile `layer` in place (Module.compile's slot); returns whether its checkpointing moved outside the graph."""
-    if not getattr(layer, "gradient_checkpointing", False):
+def _call(layer, compiled, *args, **kwargs):
+    """A call of the compiled `layer`, inside the checkpoint function transformers set on it (with the model's
+    `use_reentrant`) when checkpointing is on at the time: the memory planner turns it on and off after compiling."""
+    run = functools.partial(_uncheckpointed, layer, compiled, **kwargs)
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(run, *args)
+    return run(*args)
+
+
+def _compile(layer) -> None:
+    """Compile `layer` in place, in the slot Module.compile() uses."""
+    if not hasattr(layer, "gradient_checkpointing"):  # not a transformers layer: nothing to move out of the graph
         layer.compile()
-        return False
-    layer.gradient_checkpointing = False  # the compiled graph holds the layer alone ...
-    compiled = torch.compile(layer._call_impl)
-    layer._compiled_call_impl = functools.partial(_checkpointed_call, layer, compiled)  # ... the checkpoint wraps it
-    return True
+        return
+    layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl))
 
 
 @contextlib.contextmanager
@@ -76,18 +85,17 @@ def compiled_layers(model, enabled: bool) -> Iterator[int]:
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
-    checkpointed = [layer for layer in layers if _compile(layer)]
+    for layer in layers:
+        _compile(layer)
     if layers:
-        around = ", each inside its gradient checkpoint" if checkpointed else ""
-        log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), type(layers[0]).__name__, around)
+        log.info("train.compile: %d decoder layers of %s compiled", len(layers), type(layers[0]).__name__)
     try:
         yield len(layers)
     except torch._dynamo.exc.TorchDynamoException as err:
+        checkpointed = gradient_checkpointing_on(model)
         advice = "set train.compile=false" + (" or train.gradient_checkpointing=false" if checkpointed else "")
         message = f"train.compile: torch.compile failed on this model ({compile_failure(err)}); {advice}"
         raise RunFailed(message) from err
     finally:  # evaluation and generation follow in the same process, on the eager layers
         for layer in layers:
             layer._compiled_call_impl = None  # what Module.compile() set; None is Module's own "not compiled"
-        for layer in checkpointed:
-            layer.gradient_checkpointing = True
