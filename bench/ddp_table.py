@@ -2,8 +2,10 @@
 
     python -m bench.ddp_table $KEEP/ddp7b     # folders <n>gpu-b<batch>[-<variant>]/ with metrics.json
 
-Speed is the run's `train/tokens_per_s` (all ranks' tokens over the run's training time, first steps included);
-the loss difference is the mean absolute difference of the per-step losses from the one-GPU run of the same batch.
+Speed is the run's `train/tokens_per_s` (all ranks' tokens over the run's training time, first steps included) and,
+where metrics.json has every step's time, the steady rate after the first STEADY_AFTER steps (which hold a compiled
+run's compiles), on which "x 1 GPU" is then based; the loss difference is the mean absolute difference of the
+per-step losses from the one-GPU run of the same batch.
 A variant (`-compile`: bench/gpu_session.sh ddp7b_compile) is compared with the one-GPU run of its own variant.
 """
 
@@ -16,6 +18,14 @@ from pathlib import Path
 from adl_llm.artifacts import read_json
 
 RUN = re.compile(r"^(\d+)gpu-b(\d+)(?:-([\w+]+))?$")
+STEADY_AFTER = 10
+
+
+def steady_tokens_per_s(metrics: dict) -> float | None:
+    """Tokens/s over the steps after the first STEADY_AFTER, or None without per-step figures or steps after them."""
+    seconds = metrics.get("train/step_seconds", [])[STEADY_AFTER:]
+    tokens = metrics.get("train/step_tokens", [])[STEADY_AFTER:]
+    return sum(tokens) / sum(seconds) if seconds and len(tokens) == len(seconds) and sum(seconds) > 0 else None
 
 
 def rows(folder: Path) -> list[dict]:
@@ -27,13 +37,19 @@ def rows(folder: Path) -> list[dict]:
     out = []
     for (gpus, batch, variant), metrics in sorted(runs.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
         one = runs.get((1, batch, variant))
+        steady, one_steady = steady_tokens_per_s(metrics), one and steady_tokens_per_s(one)
+        if one and steady and one_steady:
+            speedup = steady / one_steady
+        else:
+            speedup = metrics["train/tokens_per_s"] / one["train/tokens_per_s"] if one else None
         row = {
             "gpus": gpus,
             "batch": batch,
             "variant": variant,
             "tokens_per_s": metrics["train/tokens_per_s"],
+            "steady_tokens_per_s": steady,
             "peak_gib": metrics.get("run/peak_gpu_alloc_gib"),
-            "speedup": metrics["train/tokens_per_s"] / one["train/tokens_per_s"] if one else None,
+            "speedup": speedup,
             "loss_diff": None,
         }
         pairs = list(zip(metrics["train/losses"], one["train/losses"])) if one and gpus > 1 else []
@@ -48,13 +64,15 @@ def markdown(table: list[dict]) -> str:
         return "" if value is None else format(value, spec)
 
     lines = [
-        "| GPUs | global batch | variant | tokens/s | x 1 GPU | peak GiB (rank 0) | mean abs. loss difference |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| GPUs | global batch | variant | tokens/s | tokens/s after step {STEADY_AFTER} | x 1 GPU "
+        "| peak GiB (rank 0) | mean abs. loss difference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
         lines.append(
-            f"| {r['gpus']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | {fmt(r['speedup'], '.2f')} | "
-            f"{fmt(r['peak_gib'], '.2f')} | {fmt(r['loss_diff'], '.4f')} |"
+            f"| {r['gpus']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+            f"{fmt(r['steady_tokens_per_s'], ',.0f')} | {fmt(r['speedup'], '.2f')} | {fmt(r['peak_gib'], '.2f')} | "
+            f"{fmt(r['loss_diff'], '.4f')} |"
         )
     return "\n".join(lines)
 

@@ -139,11 +139,10 @@ ddp7b() {  # both GPUs: the same runs under torchrun (NCCL's transport logged), 
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
 
-ddp7b_compile() {  # the same at batch 16 with compiled decoder layers (train.compile: 40 GiB, no checkpointing)
+ddp7b_compile() {  # the same at batch 16 with compiled decoder layers (train.compile, the default 10 GiB budget)
   llama7b
-  local fast=(train.compile=true train.memory_budget_gb=40)
-  CUDA_VISIBLE_DEVICES=0 ddp7b_run 1gpu-b16-compile 1 16 40 "${fast[@]}"
-  ddp7b_run 2gpu-b16-compile 2 16 40 "${fast[@]}"
+  CUDA_VISIBLE_DEVICES=0 ddp7b_run 1gpu-b16-compile 1 16 40 train.compile=true
+  ddp7b_run 2gpu-b16-compile 2 16 40 train.compile=true
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
 
@@ -166,9 +165,9 @@ sweep_gpus() {
 }
 
 # Decoding (issue 19): the chain's adapter (ADAPTER, default the one staged with the model) on the 250 public-test
-# prompts, each setting with every piece of the fast path (gen.compile=true) and on the plain path
-# (gen.dequantize/static_cache/compile=false), one command a folder with its wall time; greedy also with each piece
-# alone.
+# prompts, each setting with every piece of the fast path (gen.compile=true), on the plain path
+# (gen.dequantize/static_cache/compile=false) and on the default one, one command a folder with its wall time;
+# greedy also with each piece alone.
 PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false)
 decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
   local name=$1 started
@@ -183,6 +182,7 @@ decode() {
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
   decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
+  decode_run sampling-default -m "${a[@]}" gen.beams=1,3,5  # a GPU's default path: the weights dequantised
   decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
   decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
   decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path

@@ -51,7 +51,7 @@ ABLATIONS = {
     "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
     "budget40": ("train.memory_budget_gb=40",),  # memory to spare: a 7B's dequantised base, no checkpointing
     "no_liger": ("model.liger=false",),  # transformers' own RMSNorm, MLP and RoPE kernels
-    "compile": ("train.compile=true",),  # each decoder layer compiled (opt-in until measured)
+    "compile": ("train.compile=true",),  # each decoder layer compiled (opt-in)
     "compile_budget40": ("train.compile=true", "train.memory_budget_gb=40"),
 }
 PARTS = ("train", "ppl", "gen")

@@ -92,7 +92,27 @@ def test_ddp_table_compares_each_run_with_one_gpu_at_its_batch(tmp_path):
     assert table[2]["speedup"] is None  # no one-GPU run at batch 64 to compare with
     assert table[4]["speedup"] == pytest.approx(1.9)  # against the compiled one-GPU run, not the eager one
     text = ddp_table.markdown(table)
-    assert "| 2 | 16 |  | 1,800 | 1.80 |" in text and "| 2 | 16 | compile | 2,850 | 1.90 |" in text
+    assert "| 2 | 16 |  | 1,800 |  | 1.80 |" in text and "| 2 | 16 | compile | 2,850 |  | 1.90 |" in text
+
+    # With every step's time, the ratio is of the rates after the first steps (a compiled run's compiles).
+    warm_up, steady = [30.0] + [1.0] * 11, [2.0] * 12
+    for name, seconds in (("1gpu-b16-compile", warm_up), ("2gpu-b16-compile", [30.0] + [0.5] * 11)):
+        metrics = {"train/tokens_per_s": 100.0, "train/losses": [1.0] * 12, "train/step_seconds": seconds}
+        write_json(tmp_path / name / "metrics.json", metrics | {"train/step_tokens": [1000] * 12})
+    write_json(
+        tmp_path / "1gpu-b16" / "metrics.json",
+        {
+            "train/tokens_per_s": 1000.0,
+            "train/losses": [2.0],
+            "train/step_seconds": steady,
+            "train/step_tokens": [1] * 11,
+        },
+    )
+    table = ddp_table.rows(tmp_path)
+    assert table[3]["steady_tokens_per_s"] == pytest.approx(1000.0) and table[4]["speedup"] == pytest.approx(2.0)
+    assert table[0]["steady_tokens_per_s"] is None  # a step's time without its tokens: no steady rate
+    assert table[1]["speedup"] == pytest.approx(1.8)  # against the whole-run rate then
+    assert "| 2 | 16 | compile | 100 | 2,000 | 2.00 |" in ddp_table.markdown(table)
 
 
 @pytest.mark.slow

@@ -86,12 +86,13 @@ def test_liger_kernels_train_as_the_plain_path_does(embedded, tmp_path):
 
 def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(embedded):
     """A generate job's default path on a GPU: the NF4 weights dequantised once; the same text as bitsandbytes' own
-    path for nearly every prompt (its fused 4-bit kernel rounds differently, which may flip a near tie)."""
+    path for nearly every prompt (its fused 4-bit kernel rounds differently, which may flip a near tie). The model is
+    loaded as a generate job loads it: without Liger's kernels (tasks.model_settings)."""
     from adl_llm.decoding import encode_prompts, generate_from_ids
     from adl_llm.nf4 import nf4_layers
 
     source, tokenizer, _ = embedded
-    model = load_model(ModelConfig(name_or_path=source))
+    model = load_model(ModelConfig(name_or_path=source, liger=False))
     records = load_records(compose_config().data.eval_file, need_outputs=True, limit=24)
     encoded = encode_prompts(tokenizer, build_prompts([r.instruction for r in records], compose_config().prompt))
     for gen_option in ("greedy", "beam3"):
