@@ -8,8 +8,8 @@ backward, into a few kernels. Compiling layer by layer, not the whole model, kee
 1.25x faster with it at the default budget and 1.18x at 40 GiB, for about 13 s of compiling once per process
 (docs/BENCHMARKS.md); opt-in until measured on the small model, whose runs are short enough for the compile to matter.
 The CPU tests show the same losses as the eager path. Inductor draws dropout's random numbers its own way, so with
-`lora.lora_dropout` > 0 the masks differ from the eager path's (the same distribution). A model that does not
-compile stops the run with one line naming the setting and the backend's error.
+`lora.lora_dropout` > 0 the masks differ from the eager path's (the same distribution). Where a model does not
+compile, the run warns with the backend's error and trains on the eager layers, the failed step redone whole.
 
 Gradient checkpointing stays outside the compiled graph: the checkpoint wraps the compiled layer, so the recompute
 in the backward pass runs the same compiled forward again. transformers (5.x) checkpoints inside a layer's
@@ -23,14 +23,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
-from adl_llm.errors import RunFailed, first_line
-from adl_llm.modeling import gradient_checkpointing_on
+from adl_llm.errors import first_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def compile_failure(err: Exception) -> str:
@@ -79,10 +80,43 @@ def _compile(layer) -> None:
     layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl))
 
 
+class CompiledLayers:
+    """The decoder layers a training run compiled, and the way back to their eager selves."""
+
+    def __init__(self, model, layers: list[torch.nn.Module]):
+        self.model = model
+        self.layers = layers
+
+    @property
+    def count(self) -> int:
+        return len(self.layers)
+
+    def uncompile(self) -> None:
+        for layer in self.layers:
+            layer._compiled_call_impl = None  # what Module.compile() set; None is Module's own "not compiled"
+        self.layers = []
+
+    def run(self, work: Callable[[], T]) -> T:
+        """`work()`; where torch.compile fails within it, a warning and `work()` again on the eager layers, from
+        zeroed gradients (so a step that failed part-way is redone whole; it seeds its own dropout)."""
+        try:
+            return work()
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if not self.layers:
+                raise
+            log.warning(
+                "train.compile: torch.compile failed on this model (%s); training on the eager layers",
+                compile_failure(err),
+            )
+            self.uncompile()
+        self.model.zero_grad(set_to_none=True)
+        return work()
+
+
 @contextlib.contextmanager
-def compiled_layers(model, enabled: bool) -> Iterator[int]:
-    """Within: every decoder layer of `model` runs compiled when `enabled`; yields how many are. A compile error
-    inside becomes one line naming train.compile."""
+def compiled_layers(model, enabled: bool) -> Iterator[CompiledLayers]:
+    """Within: every decoder layer of `model` runs compiled when `enabled` (work run through the yielded object's
+    `run` falls back to the eager layers if a compile fails); after: the eager layers, for evaluation and generation."""
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
@@ -90,13 +124,8 @@ def compiled_layers(model, enabled: bool) -> Iterator[int]:
         _compile(layer)
     if layers:
         log.info("train.compile: %d decoder layers of %s compiled", len(layers), type(layers[0]).__name__)
+    compiled = CompiledLayers(model, layers)
     try:
-        yield len(layers)
-    except torch._dynamo.exc.TorchDynamoException as err:
-        checkpointed = gradient_checkpointing_on(model)
-        advice = "set train.compile=false" + (" or train.gradient_checkpointing=false" if checkpointed else "")
-        message = f"train.compile: torch.compile failed on this model ({compile_failure(err)}); {advice}"
-        raise RunFailed(message) from err
-    finally:  # evaluation and generation follow in the same process, on the eager layers
-        for layer in layers:
-            layer._compiled_call_impl = None  # what Module.compile() set; None is Module's own "not compiled"
+        yield compiled
+    finally:
+        compiled.uncompile()

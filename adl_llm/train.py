@@ -61,9 +61,9 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     try:
         with (
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
-            compiled_layers(model, tc.compile),
+            compiled_layers(model, tc.compile) as compiled,
         ):
-            plan = plan_micro_batches(model, examples, tc, pad_id, device)
+            plan = compiled.run(lambda: plan_micro_batches(model, examples, tc, pad_id, device))
             set_gradient_checkpointing(model, plan.gradient_checkpointing)
             log.info(
                 "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",
@@ -77,11 +77,15 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                     state.next_epoch()
                     batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
                 started = time.perf_counter()
-                torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
                 batch = [examples[i] for i in batches[state.step_in_epoch]]
                 n_scored = sum(ex.n_scored for ex in batch)  # the whole step's answer tokens, over all ranks
                 micro_batches = split_step(batch[rank() :: world_size()], tc, plan.tokens, plan.multiple)
-                nll, tokens = accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
+
+                def step_gradients(micro_batches=micro_batches, n_scored=n_scored) -> tuple[float, int]:
+                    torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
+                    return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
+
+                nll, tokens = compiled.run(step_gradients)
                 sum_gradients(trainable)
                 totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device))
                 loss = float(totals[0]) / max(1, n_scored)

@@ -22,8 +22,11 @@
 #   bash bench/gpu_session.sh sweep_gpus             # 2 GPUs: a 4-job sweep one job after another on one GPU,
 #                                                    # then spread over both (hydra/launcher=gpus)
 #   bash bench/gpu_session.sh pack NAME              # KEEP's results (no checkpoints) as $OUT/NAME.tgz
+#   bash bench/gpu_session.sh poll SECONDS NAME      # wait, show the background chains' ends, then pack NAME
 # Results go to KEEP (default /tmp/gpu), which outlives a call while the machine stays warm; `pack` puts them in
-# the one file that comes back from the machine.
+# the one file that comes back from the machine. The machine goes back about 30 s after a call ends, even while
+# parts run in the background (setsid ... > $KEEP/chainN.out): keep `poll` calls back to back until they are done,
+# and pack in each, since whatever is not packed is lost with the machine.
 set -euo pipefail
 KEEP=${KEEP:-/tmp/gpu}
 OUT=${OUT:-outputs/gpu}
@@ -239,6 +242,11 @@ while [ $# -gt 0 ]; do
   if [ "$part" = pack ]; then
     pack "${1:-results}"
     shift || true
+  elif [ "$part" = poll ]; then
+    sleep "${1:-300}"
+    tail -n 15 "$KEEP"/chain*.out 2>/dev/null || true
+    pack "${2:-results}"
+    shift 2 || true
   else
     "$part"
   fi
