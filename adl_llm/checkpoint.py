@@ -42,6 +42,7 @@ class TrainState:
     tokens: int = 0  # input tokens seen
     seconds: float = 0.0  # training time so far, across resumptions
     fingerprint: str = ""  # of the settings that shape the result; resuming under others is refused
+    compiled_steps: int = 0  # optimiser steps whose decoder layers ran compiled (train.compile; 0 after a fallback)
 
     def record_step(self, loss: float, tokens: int, seconds: float) -> None:
         """One optimiser step done: its mean answer-token loss, input tokens and time."""

@@ -96,9 +96,10 @@ class CompiledLayers:
             layer._compiled_call_impl = None  # what Module.compile() set; None is Module's own "not compiled"
         self.layers = []
 
-    def run(self, work: Callable[[], T]) -> T:
+    def run(self, work: Callable[[], T], on_fallback: Callable[[], None] | None = None) -> T:
         """`work()`; where torch.compile fails within it, a warning and `work()` again on the eager layers, from
-        zeroed gradients (so a step that failed part-way is redone whole; it seeds its own dropout)."""
+        zeroed gradients (so a step that failed part-way is redone whole; it seeds its own dropout), after
+        `on_fallback()` (a memory plan made for the compiled layers may not hold for the eager ones)."""
         try:
             return work()
         except torch._dynamo.exc.TorchDynamoException as err:
@@ -110,6 +111,8 @@ class CompiledLayers:
             )
             self.uncompile()
         self.model.zero_grad(set_to_none=True)
+        if on_fallback is not None:
+            on_fallback()
         return work()
 
 

@@ -190,6 +190,7 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
             "train/tokens_per_s": state.tokens_per_s,
             "train/step_seconds": state.step_seconds,  # the first steps hold compiles and the memory probe
             "train/step_tokens": state.step_tokens,
+            "train/compiled_steps": state.compiled_steps,  # this rank's; fewer than the steps after a failed compile
         }
         metrics.update(evaluate_examples(cfg, model, tokenizer, eval_records, eval_examples))
         if generate:  # what training and scoring gave stays on disk if decoding fails

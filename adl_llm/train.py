@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.compiled_layers import compiled_layers
-from adl_llm.config import Config, ResumeMode
+from adl_llm.config import Config, ResumeMode, TrainConfig
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
 from adl_llm.encode import Encoded
 from adl_llm.errors import RunFailed
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
-from adl_llm.micro_batches import plan_micro_batches, split_step
+from adl_llm.micro_batches import MicroBatchPlan, plan_micro_batches, split_step
 from adl_llm.modeling import set_gradient_checkpointing
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.optim import make_optimizer, make_scheduler
@@ -63,14 +63,12 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, tc.compile) as compiled,
         ):
-            plan = compiled.run(lambda: plan_micro_batches(model, examples, tc, pad_id, device))
-            set_gradient_checkpointing(model, plan.gradient_checkpointing)
-            log.info(
-                "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",
-                f"up to {plan.tokens} padded tokens" if plan.tokens else "fixed sizes",
-                plan.multiple,
-                "on" if plan.gradient_checkpointing else "off",
-            )
+            plan = compiled.run(lambda: _plan(model, examples, tc, pad_id, device))
+
+            def eager_plan() -> None:  # the eager layers may need more memory a pass than the compiled ones
+                nonlocal plan
+                plan = _plan(model, examples, tc, pad_id, device)
+
             batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
             while state.global_step < total:
                 if state.step_in_epoch == len(batches):
@@ -79,13 +77,14 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 started = time.perf_counter()
                 batch = [examples[i] for i in batches[state.step_in_epoch]]
                 n_scored = sum(ex.n_scored for ex in batch)  # the whole step's answer tokens, over all ranks
-                micro_batches = split_step(batch[rank() :: world_size()], tc, plan.tokens, plan.multiple)
 
-                def step_gradients(micro_batches=micro_batches, n_scored=n_scored) -> tuple[float, int]:
+                def step_gradients(batch=batch, n_scored=n_scored) -> tuple[float, int]:
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
+                    micro_batches = split_step(batch[rank() :: world_size()], tc, plan.tokens, plan.multiple)
                     return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
 
-                nll, tokens = compiled.run(step_gradients)
+                nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)
+                state.compiled_steps += compiled.count > 0
                 sum_gradients(trainable)
                 totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device))
                 loss = float(totals[0]) / max(1, n_scored)
@@ -109,6 +108,19 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         if writer:
             writer.close()
     return state
+
+
+def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> MicroBatchPlan:
+    """The micro-batches and checkpointing of the passes to come (measured on a GPU), set on the model and logged."""
+    plan = plan_micro_batches(model, examples, tc, pad_id, device)
+    set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    log.info(
+        "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",
+        f"up to {plan.tokens} padded tokens" if plan.tokens else "fixed sizes",
+        plan.multiple,
+        "on" if plan.gradient_checkpointing else "off",
+    )
+    return plan
 
 
 def planned_steps(n_examples: int, cfg: Config) -> int:

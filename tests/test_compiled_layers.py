@@ -54,9 +54,12 @@ def test_work_that_fails_to_compile_is_done_again_on_the_eager_layers(tiny_model
             raise _compile_failure()
         return "done"
 
+    def on_fallback() -> None:  # e.g. a new memory plan, for the eager layers
+        calls.append("on_fallback")
+
     with caplog.at_level(logging.WARNING), compiled_layers(model, True) as compiled:
-        assert compiled.run(work) == "done" and compiled.count == 0
-    assert calls == [(False, None), (True, None)]  # compiled, then eager from zeroed gradients
+        assert compiled.run(work, on_fallback) == "done" and compiled.count == 0
+    assert calls == [(False, None), "on_fallback", (True, None)]  # compiled, then eager from zeroed gradients
     assert caplog.records[-1].getMessage() == (
         "train.compile: torch.compile failed on this model (AssertionError: Node add_380 was invalid, but is output); "
         "training on the eager layers"
@@ -79,7 +82,7 @@ def test_a_training_run_whose_model_does_not_compile_trains_eagerly(tiny_model_d
 
         return compiled
 
-    losses = {}
+    metrics = {}
     for name in ("eager", "failing"):
         overrides = ("task=train", "data.n_train=8", "train.batch_size=4", "train.max_steps=2", "train.save_every=0")
         compile_layers = "false" if name == "eager" else "true"
@@ -89,15 +92,16 @@ def test_a_training_run_whose_model_does_not_compile_trains_eagerly(tiny_model_d
         if name == "failing":
             monkeypatch.setattr(torch, "compile", failing_compile)
         with caplog.at_level(logging.WARNING):
-            losses[name] = run_train(cfg)["train/losses"]
+            metrics[name] = run_train(cfg)
     assert "training on the eager layers" in caplog.text
-    assert losses["failing"] == losses["eager"]
+    assert metrics["failing"]["train/losses"] == metrics["eager"]["train/losses"]
+    assert metrics["failing"]["train/compiled_steps"] == metrics["eager"]["train/compiled_steps"] == 0
 
 
 @pytest.mark.slow
 def test_compiled_training_gives_the_losses_of_the_eager_path(tiny_model_dir, tmp_path):
     """Without dropout (inductor draws its random numbers its own way); about a minute of compiling on 2 cores."""
-    losses = {}
+    losses, compiled_steps = {}, {}
     for compile_layers in ("false", "true"):
         overrides = (
             "task=train",
@@ -109,8 +113,11 @@ def test_compiled_training_gives_the_losses_of_the_eager_path(tiny_model_dir, tm
             f"train.compile={compile_layers}",
         )
         cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / compile_layers)
-        losses[compile_layers] = run_train(cfg)["train/losses"]
+        metrics = run_train(cfg)
+        losses[compile_layers] = metrics["train/losses"]
+        compiled_steps[compile_layers] = metrics["train/compiled_steps"]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+    assert compiled_steps == {"false": 0, "true": 2}
 
 
 def test_compiled_work_loads_without_liger_unless_asked():
