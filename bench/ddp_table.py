@@ -4,8 +4,9 @@
 
 Speed is the run's `train/tokens_per_s` (all ranks' tokens over the run's training time, first steps included) and,
 where metrics.json has every step's time, the steady rate after the first STEADY_AFTER steps (which hold a compiled
-run's compiles), on which "x 1 GPU" is then based; the loss difference is the mean absolute difference of the
-per-step losses from the one-GPU run of the same batch.
+run's compiles; a resumed run compiles again later, so measure runs that were not resumed), on which "x 1 GPU" is
+then based; the loss difference is the mean absolute difference of the per-step losses from the one-GPU run of the
+same batch.
 A variant (`-compile`: bench/gpu_session.sh ddp7b_compile) is compared with the one-GPU run of its own variant.
 """
 
