@@ -20,6 +20,8 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   step no positions (the wrapper hid the model's signature). Each is fixed and tested on a CPU (one compile per
   job, whatever it decodes). Measured since on an H200: 2.4x to 4x the plain path's examples/s on the embedded
   model, 1.96x on a 7B at beams 5, but 8 to 31 s of compiling a job, which 250 prompts do not win back; so opt-in.
+  Since then the rows of a batch (prompts x beams) are a dynamic dimension of the step, so the jobs of a sweep over
+  beams, adapters or prompts of one width reuse the first job's graph (tested on a CPU; not yet timed on a GPU).
 
 Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
 back to the plain path with a warning naming the setting, and the batch is decoded again. A model whose cache
@@ -57,7 +59,13 @@ CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES",
 
 class FixedAddressLayer(StaticLayer):
     """transformers' StaticLayer, reordered in place for beam search: StaticLayer's reorder makes new tensors, and a
-    CUDA graph that captured the old ones is skipped ("mutated inputs", seen on an H200 at beams 5)."""
+    CUDA graph that captured the old ones is skipped ("mutated inputs", seen on an H200 at beams 5). Its rows are
+    marked dynamic for the compiled step, as are the step's inputs (`compiled`)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        for tensor in (self.keys, self.values):  # rows = prompts x beams: one graph for every setting of a sweep
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -146,7 +154,7 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
     if step is None:
         mode = COMPILE_MODE if base.device.type == "cuda" else "default"
         eager = base.forward
-        compiled_forward = torch.compile(eager, mode=mode, dynamic=False)
+        compiled_forward = torch.compile(eager, mode=mode, dynamic=None)
 
         # The model's own signature, which generate reads: without `position_ids` in it, generate passes none, and
         # the model counts positions from its cache, ignoring left padding.
@@ -161,6 +169,11 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
             # Each call is a new step for the CUDA graphs: the last call's outputs (logits, already copied by
             # generate) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
+            for name in ("input_ids", "attention_mask", "position_ids"):  # rows, as the cache's (FixedAddressLayer)
+                value = kwargs.get(name)
+                for tensor in value.values() if isinstance(value, dict) else [value]:  # Gemma 3: a mask per kind
+                    if isinstance(tensor, torch.Tensor) and tensor.dim():
+                        torch._dynamo.maybe_mark_dynamic(tensor, 0)
             return compiled_forward(*args, **kwargs)
 
         base._adl_llm_compiled_forward = step

@@ -150,7 +150,7 @@ def test_only_the_decode_step_is_compiled(tiny, monkeypatch):
         model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True
     )
     assert fast == plain
-    assert compile_settings == [{"mode": "default", "dynamic": False}]  # once per model; CUDA graphs only on a GPU
+    assert compile_settings == [{"mode": "default", "dynamic": None}]  # once per model; CUDA graphs only on a GPU
     assert widths and set(widths) == {1}
     assert "forward" not in vars(model)  # the model's own forward again
 
@@ -227,6 +227,41 @@ def test_a_compiled_job_compiles_its_step_once_whatever_it_decodes(tiny, archite
         assert given_positions and all(given_positions)
         counts.append(count)
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, architecture, monkeypatch):
+    """The rows of a batch (prompts x beams) are dynamic in the compiled step, so the jobs of a beam sweep, each with
+    its own model as a multirun loads it, reuse the first job's graph (on an H200 each job compiled for about 30 s)."""
+    _, tokenizer, encoded = tiny
+    graphs = []
+    real_compile = torch.compile
+
+    def backend(graph, example_inputs):  # one backend for every job, as inductor's compare equal
+        graphs.append(graph)
+        return graph.forward
+
+    def counted(forward, mode=None, dynamic=None):
+        return real_compile(forward, backend=backend, dynamic=dynamic)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counted)
+    counts = []
+    with torch._dynamo.config.patch(recompile_limit=100):
+        for beams in (1, 3, 5):
+            if architecture == "gemma3":
+                model = _tiny_gemma3(tokenizer, sliding_window=512)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+            gen = _gen(beams=beams, batch_size=4, max_new_tokens=6, stop_strings=[])
+            plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+            before = len(graphs)
+            fast = generate_from_ids(
+                model, tokenizer, encoded, dataclasses.replace(gen, compile=True), progress=False, fast=True
+            )
+            assert fast == plain
+            counts.append(len(graphs) - before)
+    assert counts == [1, 0, 0]
 
 
 def test_the_job_cache_reorders_beams_in_place(tiny):
