@@ -66,13 +66,13 @@ def _uncheckpointed(layer, compiled, *args, **kwargs):
 def _call(layer, compiled, *args, **kwargs):
     """A call of the compiled `layer`, inside the checkpoint function transformers set on it (with the model's
     `use_reentrant`) when checkpointing is on at the time: the memory planner turns it on and off after compiling."""
-    run = functools.partial(_uncheckpointed, layer, compiled, **kwargs)
     # Unlike transformers' wrapper, this checkpoint also holds the layer's module hooks (they run again in the
     # recompute), and it leaves a KV cache argument as it is: training passes none (transformers' model itself sets
     # use_cache=False while checkpointing).
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        run = functools.partial(_uncheckpointed, layer, compiled, **kwargs)
         return layer._gradient_checkpointing_func(run, *args)
-    return run(*args)
+    return _uncheckpointed(layer, compiled, *args, **kwargs)
 
 
 def _compile(layer) -> None:

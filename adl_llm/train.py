@@ -8,6 +8,7 @@ state (checkpoint.py); dropout masks are drawn from a generator reseeded every s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -63,11 +64,12 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, tc.compile) as compiled,
         ):
-            plan = compiled.run(lambda: _plan(model, examples, tc, pad_id, device))
+            plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device)
+            plan = compiled.run(plan_passes)
 
             def eager_plan() -> None:  # the eager layers may need more memory a pass than the compiled ones
                 nonlocal plan
-                plan = _plan(model, examples, tc, pad_id, device)
+                plan = plan_passes()
 
             batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
             while state.global_step < total:
