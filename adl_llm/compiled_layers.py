@@ -75,12 +75,12 @@ def _call(layer, compiled, *args, **kwargs):
     return _uncheckpointed(layer, compiled, *args, **kwargs)
 
 
-def _compile(layer) -> None:
+def _compile(layer, mode: str | None) -> None:
     """Compile `layer` in place, in the slot Module.compile() uses."""
     if not hasattr(layer, "gradient_checkpointing"):  # not a transformers layer: nothing to move out of the graph
-        layer.compile()
+        layer.compile(mode=mode)
         return
-    layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl))
+    layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl, mode=mode))
 
 
 class CompiledLayers:
@@ -120,14 +120,15 @@ class CompiledLayers:
 
 
 @contextlib.contextmanager
-def compiled_layers(model, enabled: bool) -> Iterator[CompiledLayers]:
+def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[CompiledLayers]:
     """Within: every decoder layer of `model` runs compiled when `enabled` (work run through the yielded object's
-    `run` falls back to the eager layers if a compile fails); after: the eager layers, for evaluation and generation."""
+    `run` falls back to the eager layers if a compile fails); after: the eager layers, for evaluation and generation.
+    `mode`: torch.compile's (bench/profile_train.py tries others than the default)."""
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
     for layer in layers:
-        _compile(layer)
+        _compile(layer, mode)
     if layers:
         log.info("train.compile: %d decoder layers of %s compiled", len(layers), type(layers[0]).__name__)
     compiled = CompiledLayers(model, layers)

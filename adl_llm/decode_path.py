@@ -23,6 +23,9 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   Since then the rows of a batch (prompts x beams) are a dynamic dimension of the step, so the jobs of a sweep over
   beams, adapters or prompts of one width reuse the first job's graph (tested on a CPU; on an H200 a tiny model's
   second job took 0.1 s of warm-up against the first's 17.5 s; not yet timed on the embedded model).
+- **fused sampling** (`gen.fused_sampling`, null: when sampling with a top_k): temperature, top-k and top-p on the
+  k best tokens of each row (sampling.py) instead of transformers' three warpers, whose top-p sorts all 262k of
+  Gemma's scores for every row and step. The same tokens kept with the same scores, so the same draws.
 
 Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
 back to the plain path with a warning naming the setting, and the batch is decoded again. A model whose cache
@@ -80,13 +83,14 @@ class DecodePath:
     dequantize: bool
     static_cache: bool
     compile: bool
+    fused_sampling: bool = False
 
     def describe(self) -> str:
         pieces = [name for name, on in dataclasses.asdict(self).items() if on]
         return "+".join(pieces) if pieces else "plain"
 
 
-PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False)
+PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False, fused_sampling=False)
 
 
 @contextlib.contextmanager
@@ -111,7 +115,8 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
     with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
         if gen.dequantize and not dequantized:
             log.info("gen.dequantize: the model has no NF4 layers bitsandbytes runs as loaded; nothing dequantised")
-        path = DecodePath(dequantize=dequantized, static_cache=static, compile=compiled)
+        fused = gen.do_sample and gen.top_k > 0 and gen.fused_sampling is not False
+        path = DecodePath(dequantize=dequantized, static_cache=static, compile=compiled, fused_sampling=fused)
         log.info("decoding path: %s", path.describe())
         yield path
 

@@ -19,13 +19,20 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 from adl_llm import decode_path
 from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
 from adl_llm.errors import UserError, first_line
 from adl_llm.memory import GIB
+from adl_llm.sampling import TopKTopPSampling
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +162,8 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
             log.info("gen.compile: off, since this model's KV cache kinds would recompile the step (decode_path)")
             path = dataclasses.replace(path, compile=False)
             stats["path"] = path.describe()
-    settings = generation_config(gen, tokenizer, **extra)
+    settings = generation_config(gen, tokenizer, fused_sampling=path.fused_sampling, **extra)
+    processors = sampling_processors(gen, path.fused_sampling)
 
     def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
         ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
@@ -168,6 +176,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=settings,
+                logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
                 **given,
             )
@@ -178,7 +187,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
         warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
-        run(fixed[0][0], generation_config(warm, tokenizer, **extra))
+        run(fixed[0][0], generation_config(warm, tokenizer, fused_sampling=path.fused_sampling, **extra))
         stats["warmup_seconds"] += time.perf_counter() - started
     texts: list[str] = []
     bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())
@@ -196,11 +205,14 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     return texts
 
 
-def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:
+def generation_config(gen: GenConfig, tokenizer, *, fused_sampling: bool = False, **extra) -> GenerationConfig:
     """The gen group's decoding as a GenerationConfig; the sampling keys only when sampling (transformers refuses
-    them otherwise). Keys left unset here take the model's generation config, which load_model clears, so a model's
-    own defaults (Gemma ships top_k=64, top_p=0.95; an export, its stop strings) never leak in."""
+    them otherwise), and as no-ops where `fused_sampling` applies them instead (sampling_processors). Keys left
+    unset here take the model's generation config, which load_model clears, so a model's own defaults (Gemma ships
+    top_k=64, top_p=0.95; an export, its stop strings) never leak in."""
     sampling = {"top_p": gen.top_p, "top_k": gen.top_k, "temperature": gen.temperature} if gen.do_sample else {}
+    if sampling and fused_sampling:
+        sampling = {"top_p": 1.0, "top_k": 0, "temperature": 1.0}
     return GenerationConfig(
         num_beams=gen.beams,
         do_sample=gen.do_sample,
@@ -211,6 +223,14 @@ def generation_config(gen: GenConfig, tokenizer, **extra) -> GenerationConfig:
         **sampling,
         **extra,
     )
+
+
+def sampling_processors(gen: GenConfig, fused_sampling: bool) -> LogitsProcessorList:
+    """The fused sampling processor where it applies (generation_config then turns transformers' warpers off)."""
+    if not fused_sampling:
+        return LogitsProcessorList()
+    keep = 2 if gen.beams > 1 else 1  # as generate sets min_tokens_to_keep: beam sampling keeps a non-EOS token
+    return LogitsProcessorList([TopKTopPSampling(gen.temperature, gen.top_k, gen.top_p, keep)])
 
 
 def stop_criterion(tokenizer, stop_strings: Sequence[str]):

@@ -30,6 +30,7 @@ class GenConfig:
     dequantize: bool | None
     static_cache: bool | None
     compile: bool
+    fused_sampling: bool | None
 
     def __post_init__(self) -> None:
         require_at_least("gen", self, 1, "beams", "max_new_tokens")

@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
-#   bash bench/gpu_session.sh profile_decode         # where a decoding step spends its time (bench/profile_decode.py)
+#   DECODE=report BEAMS=5 bash bench/gpu_session.sh profile_decode  # where a decoding step spends its time
+#   bash bench/gpu_session.sh profile7b              # the 7B shape's training step: eager, compiled, CUDA graphs
 #   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
 #   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
@@ -85,6 +86,19 @@ bench_train() {  # the embedded model: adl-llm against TRL (with and without Lig
 bench_infer() {  # the embedded model: the course ppl loop and the one-prompt generate loop against adl-llm
   embedded --only ppl,gen --precision-check --n-gen 250 --n-gen-baseline 16 2>&1 | log bench-embedded-infer
   tail -n 50 "$KEEP/bench-embedded-infer.log"
+}
+
+profile7b() {  # where a training step of the 7B shape spends its time: eager, compiled, compiled in CUDA graphs
+  llama7b
+  local variant
+  for variant in eager compile reduce-overhead; do
+    local flags=()
+    [ "$variant" = compile ] && flags=(--compile)
+    [ "$variant" = reduce-overhead ] && flags=(--compile-mode reduce-overhead)
+    CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_train --model-path /tmp/llama7b --passes 3 "${flags[@]}" \
+      --out "$KEEP/profile7b-$variant" > "$KEEP/profile7b-$variant.log" 2>&1 || tail -n 12 "$KEEP/profile7b-$variant.log"
+    head -n 4 "$KEEP/profile7b-$variant/profile.txt" || true
+  done
 }
 
 profile() {  # where a training pass of the embedded model spends its time
@@ -195,10 +209,13 @@ decode() {
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 
-profile_decode() {  # where a decoding step of the embedded model spends its time, on each path
+profile_decode() {  # where a decoding step of the embedded model spends its time, on each path (PATHS), decoding
+  # DECODE (default greedy; report: the report's sampling) with BEAMS beams
+  local name=profile-decode-${DECODE:-greedy}-b${BEAMS:-1}
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_decode --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
-    --adapter "${ADAPTER:-/tmp/stage/adapter}" --out "$KEEP/profile-decode" 2>&1 | log profile-decode
-  grep -h "^==\|a step" "$KEEP/profile-decode/profile-decode.txt" || tail -n 20 "$KEEP/profile-decode.log"
+    --adapter "${ADAPTER:-/tmp/stage/adapter}" --gen "${DECODE:-greedy}" --beams "${BEAMS:-1}" \
+    --paths "${PATHS:-plain,default,compiled}" --new-tokens "${NEW_TOKENS:-32}" ${STOPS:+--stops} --out "$KEEP/$name" 2>&1 | log "$name"
+  grep -h "^==\|a step" "$KEEP/$name/profile-decode.txt" || tail -n 20 "$KEEP/$name.log"
 }
 
 decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams 5 with the report's sampling

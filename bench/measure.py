@@ -78,3 +78,21 @@ def rates(step_tokens: list[int], step_seconds: list[float], warmup: int) -> dic
 
 def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def gpu_busy_seconds(prof) -> float:
+    """Seconds in which the GPU ran at least one kernel, over a torch.profiler run: the union of the kernels'
+    intervals. A plain sum of kernel times counts overlapping streams twice (an all-reduce's kernel, which also
+    spins while it waits for the other rank, beside the compute), and can exceed the wall time."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if event.device_type == DeviceType.CUDA
+    )
+    busy, covered = 0.0, float("-inf")
+    for start, end in spans:
+        busy += max(0.0, end - max(start, covered))
+        covered = max(covered, end)
+    return busy / 1e6

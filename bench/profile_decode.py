@@ -5,8 +5,9 @@
     python -m bench.profile_decode --model-path /tmp/tiny --prompts 4 --out /tmp/pd     # a CPU check
 
 Each path (plain: bitsandbytes' layers and a dynamic cache; default: what a generate job takes on this device;
-dequantize: gen.dequantize=true; compiled: gen.compile=true) decodes the first `--prompts` public-test prompts
-greedily, `--new-tokens` tokens with no stop strings, so that nearly every batch runs every step. After a warm-up,
+dequantize: gen.dequantize=true; compiled: gen.compile=true; warpers: transformers' sampling warpers instead of
+the fused sampling) decodes the first `--prompts` public-test prompts in one batch, greedily (or `--gen report
+--beams N`), `--new-tokens` tokens with no stop strings (unless `--stops`), so every step runs. After a warm-up,
 the wall time of that decoding is timed without the profiler, then profiled once: the kernels launched and the
 time the GPU is busy a step against the wall time a step say whether the step waits on the card or on Python and
 launches.
@@ -34,6 +35,8 @@ PATHS = {
     "default": {},
     "dequantize": {"dequantize": True},
     "compiled": {"compile": True},
+    "warpers": {"fused_sampling": False},  # the default path with transformers' sampling warpers
+    "compiled_warpers": {"compile": True, "fused_sampling": False},
 }
 
 
@@ -44,11 +47,15 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=250, help="the first N public-test prompts, one batch")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--paths", default="plain,default,compiled", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--gen", default="greedy", help="the gen option decoded (report: the report's sampling)")
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--stops", action="store_true", help="keep the stop strings (a batch may end early)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cfg = compose(f"model.name_or_path={args.model_path}", "gen=greedy", "model.liger=false")
+    settings = (f"gen={args.gen}", f"gen.beams={args.beams}", "model.liger=false")
+    cfg = compose(f"model.name_or_path={args.model_path}", *settings)
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     records = load_records(cfg.data.eval_file, need_outputs=False, limit=args.prompts)
@@ -58,10 +65,14 @@ def main(argv=None) -> None:
         model = load_adapter(model, args.adapter)
     device = next(model.parameters()).device
     base = dataclasses.replace(
-        cfg.gen, max_new_tokens=args.new_tokens, stop_strings=[], batch_size=len(encoded)
-    )  # one batch of every prompt, every step decoded
+        cfg.gen,
+        max_new_tokens=args.new_tokens,
+        stop_strings=cfg.gen.stop_strings if args.stops else [],
+        batch_size=len(encoded),
+    )  # one batch of every prompt, every step decoded (unless the stop strings end every row first)
 
-    lines = [f"{len(encoded)} prompts in one batch, {args.new_tokens} new tokens, greedy, on {measure.card()}", ""]
+    setting = f"gen={args.gen} beams={args.beams}"
+    lines = [f"{len(encoded)} prompts in one batch, {args.new_tokens} new tokens, {setting}, on {measure.card()}", ""]
     for name in args.paths.split(","):
         gen = dataclasses.replace(base, **PATHS[name])
         stats: dict = {}
@@ -78,17 +89,21 @@ def main(argv=None) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        started = measure.now()
         with torch.profiler.profile(activities=activities) as prof:
             decode()
+        profiled = measure.now() - started
         averages = prof.key_averages()
         kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
         launches = sum(e.count for e in kernels)
-        gpu_busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        gpu_busy = measure.gpu_busy_seconds(prof)
         steps = args.new_tokens
         lines += [
             f"== {name} (path {stats['path']})",
-            f"wall time a step: {wall / steps * 1000:.2f} ms without the profiler ({wall:.2f} s for {steps} steps)",
-            f"GPU busy a step: {gpu_busy / steps * 1000:.2f} ms; kernels launched a step: {launches / steps:.0f}",
+            f"wall time a step: {wall / steps * 1000:.2f} ms without the profiler ({wall:.2f} s for {steps} steps), "
+            f"{profiled / steps * 1000:.2f} ms with it",
+            f"GPU busy a step (some kernel running): {gpu_busy / steps * 1000:.2f} ms, "
+            f"{gpu_busy / profiled:.0%} of the profiled time; kernels launched a step: {launches / steps:.0f}",
             averages.table(sort_by="self_cpu_time_total", row_limit=20),
         ]
         print("\n".join(lines[-4:-1]), flush=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from adl_llm.compiled_layers import compiled_layers
 from adl_llm.config import compose
 from adl_llm.data import load_records
 from adl_llm.distributed import barrier, init_from_env, rank, shutdown, sum_gradients, world_size
@@ -48,6 +49,10 @@ def main(argv=None) -> None:
     parser.add_argument("--passes", type=int, default=5, help="profiled steps, after as many warm-up steps")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables (and the trace)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (tens of MB)")
+    parser.add_argument("--compile", action="store_true", help="the decoder layers compiled (train.compile=true)")
+    parser.add_argument(
+        "--compile-mode", help="torch.compile's mode for them (e.g. reduce-overhead: CUDA graphs); an experiment"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     init_from_env()
@@ -68,6 +73,8 @@ def main(argv=None) -> None:
     defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
     limit = memory_limit(cfg.train.memory_budget_gb, device)
     defaults.enter_context(dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=limit))
+    compile_on = args.compile or args.compile_mode is not None
+    defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
     plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
     micro_batches = split_step(examples[rank() :: world_size()], cfg.train, plan.tokens, plan.multiple)
@@ -99,23 +106,27 @@ def main(argv=None) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    started = measure.now()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.passes):
             one_pass()
         measure.sync()
+    profiled = (measure.now() - started) / args.passes
     if args.trace:
         prof.export_chrome_trace(str(args.out / "trace.json"))
     averages = prof.key_averages()
-    # The kernels' own rows: an operator's row repeats the time of the kernels it launched.
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
-    gpu_busy = sum(e.self_device_time_total for e in kernels) / 1e6 / args.passes
+    layers = f"compiled (mode {args.compile_mode or 'default'})" if compile_on else "eager"
+    launches = sum(e.count for e in kernels) / args.passes
+    gpu_busy = measure.gpu_busy_seconds(prof) / args.passes
     mine = [ex for batch in micro_batches for ex in batch]
     lines = [
         f"rank {rank()} of {world_size()}: {len(mine)} of {args.examples} examples, "
         f"{sum(len(e.input_ids) for e in mine)} tokens a step in {len(micro_batches)} micro-batch(es), gradient "
-        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, on {measure.card()}",
-        f"wall time a step: {plain * 1000:.1f} ms without the profiler",
-        f"GPU busy a step (sum of kernel times): {gpu_busy * 1000:.1f} ms",
+        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, decoder layers {layers}, on {measure.card()}",
+        f"wall time a step: {plain * 1000:.1f} ms without the profiler, {profiled * 1000:.1f} ms with it",
+        f"GPU busy a step (some kernel running): {gpu_busy * 1000:.1f} ms, {gpu_busy / profiled:.0%} of the profiled "
+        f"step; kernels launched a step: {launches:.0f}",
         f"gradient all-reduce alone ({sum(p.numel() for p in trainable):,} values): {all_reduce() * 1000:.1f} ms",
         "",
         averages.table(sort_by="self_cpu_time_total", row_limit=30),
