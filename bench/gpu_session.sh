@@ -20,6 +20,7 @@
 #   bash bench/gpu_session.sh ddp7b_single           # 2 GPUs: the 7B shape trained on one GPU, batch 16 and 64
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
 #   bash bench/gpu_session.sh ddp7b_compile          # 2 GPUs: batch 16 on one and on both with train.compile=true
+#                                                    # (ddp7b_compile1: the one-GPU run alone, on $GPU; 2: both)
 #   bash bench/gpu_session.sh sweep_gpus             # 2 GPUs: a 4-job sweep one job after another on one GPU,
 #                                                    # then spread over both (hydra/launcher=gpus)
 #   bash bench/gpu_session.sh pack NAME              # KEEP's results (no checkpoints) as $OUT/NAME.tgz
@@ -156,9 +157,10 @@ ddp7b() {  # both GPUs: the same runs under torchrun (NCCL's transport logged), 
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
 
-ddp7b_compile() {  # the same at batch 16 with compiled decoder layers (train.compile, the default 10 GiB budget)
+ddp7b_compile() { ddp7b_compile1 && ddp7b_compile2; }  # batch 16, compiled decoder layers, the default budget
+ddp7b_compile1() { llama7b && CUDA_VISIBLE_DEVICES=$GPU ddp7b_run 1gpu-b16-compile 1 16 40 train.compile=true; }
+ddp7b_compile2() {  # both GPUs (torchrun), then the table against the one-GPU run
   llama7b
-  CUDA_VISIBLE_DEVICES=0 ddp7b_run 1gpu-b16-compile 1 16 40 train.compile=true
   ddp7b_run 2gpu-b16-compile 2 16 40 train.compile=true
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
