@@ -71,28 +71,49 @@ def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Ite
         return
     try:
         for layer in layers:
-            layer.forward = _DequantizedForward(layer)
+            _dequantize(layer)
         log.info("NF4 base dequantised once for this run (%.2f GiB of %s)", size / GIB, dtype)
         yield True
     finally:  # also after an error, or a copy that ran out of memory half-way
         for layer in layers:
-            vars(layer).pop("forward", None)  # the class's own forward again
+            _restore(layer)
 
 
-class _DequantizedForward:
+DEQUANTIZED = "dequantized_weight"  # the buffer that holds a layer's dequantised weight while it lasts
+_dequantized_classes: dict[type, type] = {}
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Linear4bit.forward with the weight dequantised once: cast to the compute dtype, multiply, cast back."""
+    bias = self.bias  # read each call: a bias may train (lora.bias=all)
+    bias = None if bias is None else bias.to(self.compute_dtype)
+    return F.linear(x.to(self.compute_dtype), getattr(self, DEQUANTIZED), bias).to(x.dtype)
 
-    def __init__(self, layer) -> None:
-        from bitsandbytes.functional import dequantize_4bit
 
-        self.layer = layer
-        self.dtype = layer.compute_dtype
-        self.weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(self.dtype)
+def _dequantize(layer) -> None:
+    """`layer` multiplies by its dequantised weight: a buffer, and a subclass whose forward uses it. The subclass is
+    one per layer class for the whole process, and the weight a buffer, so a compiled step made for one job's copy
+    is reused by the next job's (an object per job, as an instance's own forward was, failed torch.compile's
+    guards: every job of a sweep compiled again, 10 to 30 s on an H200)."""
+    from bitsandbytes.functional import dequantize_4bit
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.layer.bias  # read each call: a bias may train (lora.bias=all)
-        bias = None if bias is None else bias.to(self.dtype)
-        return F.linear(x.to(self.dtype), self.weight, bias).to(x.dtype)
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    layer.register_buffer(DEQUANTIZED, weight, persistent=False)
+    base = type(layer)
+    if base not in _dequantized_classes:
+        _dequantized_classes[base] = type(f"Dequantized{base.__name__}", (base,), {"forward": _dequantized_forward})
+    layer.__class__ = _dequantized_classes[base]
+
+
+def is_dequantized(layer) -> bool:
+    return type(layer) in _dequantized_classes.values()
+
+
+def _restore(layer) -> None:
+    """bitsandbytes' own layer again, without the copy."""
+    if is_dequantized(layer):
+        layer.__class__ = type(layer).__bases__[0]
+    layer._buffers.pop(DEQUANTIZED, None)
 
 
 def restore_cpu_nf4_training_path(model) -> None:

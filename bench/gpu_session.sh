@@ -92,7 +92,7 @@ bench_infer() {  # the embedded model: the course ppl loop and the one-prompt ge
 profile7b() {  # where a training step of the 7B shape spends its time: eager, compiled, compiled in CUDA graphs
   llama7b
   local variant
-  for variant in eager compile reduce-overhead; do
+  for variant in ${VARIANTS:-eager compile reduce-overhead}; do
     local flags=()
     [ "$variant" = compile ] && flags=(--compile)
     [ "$variant" = reduce-overhead ] && flags=(--compile-mode reduce-overhead)
@@ -188,7 +188,7 @@ sweep_gpus() {
 # prompts, each setting with every piece of the fast path (gen.compile=true), on the plain path
 # (gen.dequantize/static_cache/compile=false) and on the default one, one command a folder with its wall time;
 # greedy also with each piece alone.
-PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false)
+PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false gen.fused_sampling=false)
 decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
   local name=$1 started
   shift

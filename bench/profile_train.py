@@ -39,6 +39,7 @@ from adl_llm.modeling import (
 )
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.prompts import build_prompts
+from adl_llm.tasks import model_settings
 from bench import measure
 
 
@@ -63,7 +64,8 @@ def main(argv=None) -> None:
     records = load_records(cfg.data.train_file, need_outputs=True, limit=args.examples)
     prompts = build_prompts([r.instruction for r in records], cfg.prompt)
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.train.max_length)
-    model = add_lora(load_model(cfg.model, source=source), cfg.lora)
+    compile_on = args.compile or args.compile_mode is not None
+    model = add_lora(load_model(model_settings(cfg, compiled=compile_on), source=source), cfg.lora)
     restore_cpu_nf4_training_path(model)
     model.train()
     device = next(model.parameters()).device
@@ -73,7 +75,6 @@ def main(argv=None) -> None:
     defaults.enter_context(attention_kernels(cfg.model.cudnn_attention))
     limit = memory_limit(cfg.train.memory_budget_gb, device)
     defaults.enter_context(dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=limit))
-    compile_on = args.compile or args.compile_mode is not None
     defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
     plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)

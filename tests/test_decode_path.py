@@ -13,7 +13,7 @@ from adl_llm import decode_path
 from adl_llm.config import DType, GenConfig, ModelConfig, Quant
 from adl_llm.decoding import encode_prompts, generate_from_ids
 from adl_llm.modeling import load_model
-from adl_llm.nf4 import nf4_layers
+from adl_llm.nf4 import is_dequantized, nf4_layers
 from tests.conftest import compose_config, read_json, tiny_overrides
 
 PROMPTS = [
@@ -124,7 +124,7 @@ def test_nf4_weights_dequantised_for_decoding_are_put_back(tiny_model_dir, tiny)
         model, tokenizer, encoded, dataclasses.replace(gen, dequantize=True), progress=False, fast=True, stats=stats
     )
     assert stats["path"] == "dequantize" and fast == plain
-    assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' own layers again
+    assert not any(is_dequantized(layer) for layer in nf4_layers(model))  # bitsandbytes' own layers again
 
 
 def test_only_the_decode_step_is_compiled(tiny, monkeypatch):
@@ -262,6 +262,35 @@ def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, archite
             assert fast == plain
             counts.append(len(graphs) - before)
     assert counts == [1, 0, 0]
+
+
+def test_jobs_with_a_dequantised_base_reuse_the_compiled_step(tiny_model_dir, tiny, monkeypatch):
+    """Each job dequantises the NF4 weights anew; the compiled step must not guard on the copy's objects (on an H200
+    every job, and every call of bench.profile_decode, compiled again for 10 s when each layer had its own forward)."""
+    _, tokenizer, encoded = tiny
+    graphs = []
+    real_compile = torch.compile
+
+    def backend(graph, example_inputs):  # one backend for every job, as inductor's compare equal
+        graphs.append(graph)
+        return graph.forward
+
+    def counted(forward, mode=None, dynamic=None):
+        return real_compile(forward, backend=backend, dynamic=dynamic)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counted)
+    gen = _gen(batch_size=3, max_new_tokens=5, stop_strings=[], dequantize=True, compile=True)
+    counts = []
+    with torch._dynamo.config.patch(recompile_limit=100):
+        for _ in range(2):  # two jobs of a sweep, each loading the model as a multirun does
+            model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.float32))
+            before, stats = len(graphs), {}
+            generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
+            generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
+            assert stats["path"] == "dequantize+static_cache+compile"
+            counts.append(len(graphs) - before)
+    assert counts == [1, 0]
 
 
 def test_the_job_cache_reorders_beams_in_place(tiny):

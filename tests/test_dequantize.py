@@ -13,7 +13,7 @@ from adl_llm.data import load_records
 from adl_llm.encode import encode_examples
 from adl_llm.loss import accumulate_gradients
 from adl_llm.modeling import add_lora, attention_kernels, load_model
-from adl_llm.nf4 import dequantized_base, dequantized_bytes, nf4_layers
+from adl_llm.nf4 import dequantized_base, dequantized_bytes, is_dequantized, nf4_layers
 from adl_llm.prompts import build_prompts
 from tests.conftest import TRAIN_FILE, compose_config
 
@@ -49,9 +49,9 @@ def test_same_loss_and_lora_gradients_as_the_nf4_path(tiny_model_dir, monkeypatc
     loss, grads = _loss_and_grads(model, examples)
     with dequantized_base(model, enabled=True, memory_limit=2**30) as used, monkeypatch.context() as patch:
         patch.setattr(bitsandbytes, "matmul_4bit", _not_called)  # proof that the copy, not NF4, is multiplied
-        assert used and all("forward" in vars(layer) for layer in nf4_layers(model))
+        assert used and all(is_dequantized(layer) for layer in nf4_layers(model))
         cached_loss, cached_grads = _loss_and_grads(model, examples)
-    assert all("forward" not in vars(layer) for layer in nf4_layers(model))  # bitsandbytes' forward again
+    assert not any(is_dequantized(layer) for layer in nf4_layers(model))  # bitsandbytes' forward again
     assert len(grads) == 8 and cached_loss == loss
     for name, grad in grads.items():  # the same dequantised values and matmuls: the same numbers
         assert torch.equal(cached_grads[name], grad), name
@@ -70,7 +70,7 @@ def test_the_copy_is_made_only_where_it_fits_a_quarter_of_the_budget(tiny_model_
     with dequantized_base(model, enabled=None, memory_limit=fits) as used:
         assert used
     with dequantized_base(model, enabled=None, memory_limit=crowded) as used:
-        assert not used and all("forward" not in vars(layer) for layer in nf4_layers(model))
+        assert not used and not any(is_dequantized(layer) for layer in nf4_layers(model))
     with dequantized_base(model, enabled=False, memory_limit=100 * 2**30) as used:
         assert not used
 
@@ -87,9 +87,9 @@ def test_attention_kernels_leave_cudnn_out_unless_asked_and_restore_the_setting(
 def test_an_error_inside_restores_every_layer(tiny_model_dir):
     model, _ = _nf4_model_and_examples(tiny_model_dir)
     with pytest.raises(RuntimeError, match="inside"), dequantized_base(model, enabled=True, memory_limit=2**30):
-        assert all("forward" in vars(layer) for layer in nf4_layers(model))
+        assert all(is_dequantized(layer) for layer in nf4_layers(model))
         raise RuntimeError("inside")
-    assert all("forward" not in vars(layer) for layer in nf4_layers(model))
+    assert not any(is_dequantized(layer) for layer in nf4_layers(model))
 
 
 def test_a_base_whose_forwards_hooks_replaced_is_left_alone(tiny_model_dir):

@@ -89,7 +89,7 @@ def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(emb
     path for nearly every prompt (its fused 4-bit kernel rounds differently, which may flip a near tie). The model is
     loaded as a generate job loads it: without Liger's kernels (tasks.model_settings)."""
     from adl_llm.decoding import encode_prompts, generate_from_ids
-    from adl_llm.nf4 import nf4_layers
+    from adl_llm.nf4 import is_dequantized, nf4_layers
 
     source, tokenizer, _ = embedded
     model = load_model(ModelConfig(name_or_path=source, liger=False))
@@ -102,7 +102,7 @@ def test_the_default_decoding_path_dequantises_and_decodes_as_the_plain_path(emb
         fast = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
         assert stats["path"] == "dequantize"
         assert sum(a == b for a, b in zip(plain, fast)) >= 0.8 * len(encoded)
-    assert all("forward" not in vars(layer) for layer in nf4_layers(model))
+    assert not any(is_dequantized(layer) for layer in nf4_layers(model))
 
 
 def test_the_compiled_decoding_path_decodes_as_the_plain_path(embedded):
