@@ -166,9 +166,10 @@ ddp7b_compile2() {  # both GPUs (torchrun), then the table against the one-GPU r
 }
 
 # A 4-job training sweep of the embedded model (lr x LoRA rank), the same jobs both ways; SWEEP_LENGTH sets how long
-# a job trains (the default: one epoch of the 3000 records, about half a minute a job on an H200, so both halves fit
-# in one 10-minute call; the sequential half of 2 epochs a job took 198.5 s).
-SWEEP=(-m task=train "${SWEEP_LENGTH:-train.epochs=1}" train.save_every=0 optim.lr=3e-5,1e-4 lora.r=16,64)
+# a job trains (the default: two epochs of the 3000 records, about 47 s a job on an H200: the sequential half took
+# 198.5 s, so both halves fit in one 10-minute call; each process's first job also pays about 17 s of imports,
+# tokenizer and data, which one-epoch jobs of 25 s cannot amortise).
+SWEEP=(-m task=train "${SWEEP_LENGTH:-train.epochs=2}" train.save_every=0 optim.lr=3e-5,1e-4 lora.r=16,64)
 sweep_gpus() {
   local started
   started=$(date +%s%N)
@@ -255,10 +256,33 @@ pack() {  # everything under KEEP but weights, checkpoints and TensorBoard logs,
   ls -la "$OUT"
 }
 
+# A figure is only evidence if its GPUs ran nothing else: before each part, any other process on the GPUs it uses
+# (GPU $GPU; both for the parts that use both) is named on the console and in $KEEP/contended.txt.
+BOTH_GPUS=" ddp ddp7b ddp7b_compile ddp7b_compile2 sweep_gpus "
+NOT_MEASURING=" install setup llama7b pack poll "
+others_on_gpus() {  # PART: the compute processes already on that part's GPUs, one line each
+  [[ $NOT_MEASURING == *" $1 "* ]] && return 0
+  local gpus=$GPU
+  [[ $BOTH_GPUS == *" $1 "* ]] && gpus=all
+  local uuids
+  if [ "$gpus" = all ]; then
+    uuids=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null || true)
+  else
+    uuids=$(nvidia-smi -i "$gpus" --query-gpu=uuid --format=csv,noheader 2>/dev/null || true)
+  fi
+  [ -n "$uuids" ] || return 0
+  nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name --format=csv,noheader 2>/dev/null \
+    | grep -F -f <(echo "$uuids") || true
+}
+
 while [ $# -gt 0 ]; do
   part=$1
   shift
   echo "== $part $(date +%T)"
+  busy=$(others_on_gpus "$part")
+  if [ -n "$busy" ]; then
+    echo "!! $part starts beside other GPU work, its figures are not evidence: $busy" | tee -a "$KEEP/contended.txt"
+  fi
   if [ "$part" = pack ]; then
     pack "${1:-results}"
     shift || true
