@@ -6,8 +6,9 @@ Compiling each decoder layer fuses its norms, rotary embedding, activations and 
 backward, into a few kernels. Compiling layer by layer, not the whole model, keeps the compile time to one layer's
 (the layers share one graph) and leaves the loss and the embeddings as they are. On an H200 the 7B shape trains
 1.25x faster with it at the default budget and 1.18x at 40 GiB, for about 13 s of compiling once per process
-(docs/BENCHMARKS.md); opt-in until measured on the small model, whose runs are short enough for the compile to matter.
-The CPU tests show the same losses as the eager path. Inductor draws dropout's random numbers its own way, so with
+(docs/BENCHMARKS.md); opt-in, as on the Gemma-3-270M it is slower than Liger's kernels. The NF4 weights a run keeps
+quantised are dequantised inside the graph (nf4_graph.py), not by bitsandbytes' operator called from Python. The
+CPU tests show the same losses as the eager path. Inductor draws dropout's random numbers its own way, so with
 `lora.lora_dropout` > 0 the masks differ from the eager path's (the same distribution). Where a model does not
 compile, the run warns with the backend's error and trains on the eager layers, the failed step redone whole.
 
@@ -28,6 +29,7 @@ from typing import TypeVar
 
 import torch
 
+from adl_llm import nf4_graph
 from adl_llm.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -84,11 +86,13 @@ def _compile(layer, mode: str | None) -> None:
 
 
 class CompiledLayers:
-    """The decoder layers a training run compiled, and the way back to their eager selves."""
+    """The decoder layers a training run compiled (and the NF4 layers it dequantises in the graph: nf4_graph.py),
+    and the way back to their eager selves."""
 
-    def __init__(self, model, layers: list[torch.nn.Module]):
+    def __init__(self, model, layers: list[torch.nn.Module], nf4: list[torch.nn.Module]):
         self.model = model
         self.layers = layers
+        self.nf4 = nf4
 
     @property
     def count(self) -> int:
@@ -98,6 +102,8 @@ class CompiledLayers:
         for layer in self.layers:
             layer._compiled_call_impl = None  # what Module.compile() set; None is Module's own "not compiled"
         self.layers = []
+        nf4_graph.restore(self.nf4)
+        self.nf4 = []
 
     def run(self, work: Callable[[], T], on_fallback: Callable[[], None] | None = None) -> T:
         """`work()`; where torch.compile fails within it, a warning and `work()` again on the eager layers, from
@@ -129,9 +135,11 @@ def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[C
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
     for layer in layers:
         _compile(layer, mode)
+    nf4 = nf4_graph.to_graph(model) if layers else []
     if layers:
-        log.info("train.compile: %d decoder layers of %s compiled", len(layers), type(layers[0]).__name__)
-    compiled = CompiledLayers(model, layers)
+        in_graph = f", {len(nf4)} NF4 weights dequantised in the graph" if nf4 else ""
+        log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), type(layers[0]).__name__, in_graph)
+    compiled = CompiledLayers(model, layers, nf4)
     try:
         yield compiled
     finally:

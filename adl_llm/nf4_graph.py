@@ -1,0 +1,113 @@
+"""NF4 layers a compiled decoder layer can hold: the weight dequantised in torch operations inside the graph.
+
+bitsandbytes multiplies by an NF4 weight through its own operator, called from Python: on an H200 each call costs
+about 250 us of host time (bitsandbytes::gemm_4bit in docs/bench/profile-llama7b-step-compiled.txt), about 110 ms
+of a 7B step's 340, while the GPU waits. Under `train.compile` the NF4 layers the memory plan keeps quantised
+dequantise in plain torch operations instead, which inductor fuses into one kernel per weight and launches from
+its generated code: the nibble unpacking, the NF4 code book, the (double-quantised) block scales, the cast. The
+values are bitsandbytes' own (tests/test_nf4_graph.py compares them bit for bit on a CPU); like bitsandbytes, the
+backward pass dequantises again rather than keep the weight, so the memory is that of the quantised layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adl_llm.nf4 import is_dequantized, nf4_layers
+
+_STATE = ("nf4_absmax", "nf4_code", "nf4_absmax2", "nf4_code2", "nf4_offset")  # buffers while in the graph
+_graph_classes: dict[type, type] = {}
+
+
+def nf4_weight(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int, shape, dtype):
+    """The weight bitsandbytes' dequantize_4bit gives for an NF4 `packed` weight: two 4-bit codes a byte (high
+    nibble first), each code's value times its block's scale; nested scales are themselves 8-bit codes scaled per
+    `blocksize2` block, plus `offset` (absmax2 None: plain fp32 scales)."""
+    if absmax2 is not None:
+        index = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
+        absmax = code2[absmax.long()] * absmax2[index] + offset
+    packed = packed.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1).long()
+    values = code[codes].reshape(-1, blocksize) * absmax.reshape(-1, 1)
+    return values.to(dtype).reshape(shape)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x @ W.T for the NF4 weight W, which is dequantised in the forward and again in the backward (the input's
+    gradient), never kept."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, meta):
+        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+        ctx.meta = meta
+        return F.linear(x, nf4_weight(packed, absmax, code, absmax2, code2, offset, *meta, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = nf4_weight(*ctx.saved_tensors, *ctx.meta, grad.dtype)
+        return grad @ weight, None, None, None, None, None, None, None
+
+
+def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Linear4bit.forward (compute dtype in, the input's dtype out) with the weight dequantised in the graph."""
+    dtype = self.compute_dtype
+    state = [getattr(self, name) for name in _STATE]
+    meta = (self.nf4_blocksize, self.nf4_blocksize2, tuple(self.weight.quant_state.shape))
+    out = _NF4Linear.apply(x.to(dtype), self.weight, *state, meta)
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.to(x.dtype)
+
+
+def supported(layer) -> bool:
+    """An NF4 layer in bitsandbytes' standard packing with one compute dtype, not dequantised for the run."""
+    state = getattr(layer.weight, "quant_state", None)
+    return (
+        state is not None
+        and state.quant_type == "nf4"
+        and layer.compute_dtype is not None
+        and len(state.shape) == 2
+        and not getattr(state, "packing_format_for_cpu", False)
+        and not is_dequantized(layer)
+        and "forward" not in vars(layer)
+    )
+
+
+def to_graph(model) -> list:
+    """Every supported NF4 layer of `model` dequantises in torch operations (as buffers: the quantisation state of
+    each layer is a graph input, so the decoder layers share one compiled graph); the layers changed."""
+    changed = []
+    for layer in nf4_layers(model):
+        if not supported(layer):
+            continue
+        state = layer.weight.quant_state
+        nested = state.nested
+        buffers = (
+            state.absmax,
+            state.code,
+            state.state2.absmax if nested else None,
+            state.state2.code if nested else None,
+            torch.as_tensor(state.offset if nested else 0.0, dtype=torch.float32, device=state.absmax.device),
+        )
+        for name, tensor in zip(_STATE, buffers, strict=True):
+            layer.register_buffer(name, tensor, persistent=False)
+        layer.nf4_blocksize = state.blocksize
+        layer.nf4_blocksize2 = state.state2.blocksize if nested else 0
+        base = type(layer)
+        if base not in _graph_classes:
+            _graph_classes[base] = type(f"Graph{base.__name__}", (base,), {"forward": _graph_forward})
+        layer.__class__ = _graph_classes[base]
+        changed.append(layer)
+    return changed
+
+
+def restore(layers: list) -> None:
+    """bitsandbytes' own layers again."""
+    for layer in layers:
+        if type(layer) in _graph_classes.values():
+            layer.__class__ = type(layer).__bases__[0]
+        for name in _STATE:
+            layer._buffers.pop(name, None)
+        for name in ("nf4_blocksize", "nf4_blocksize2"):
+            vars(layer).pop(name, None)

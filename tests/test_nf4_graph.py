@@ -1,0 +1,97 @@
+"""NF4 weights dequantised in torch operations (train.compile): bitsandbytes' values, its layer's outputs and
+gradients, and the same training losses."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+from adl_llm import nf4_graph
+from adl_llm.config import DType, ModelConfig, Quant
+from adl_llm.modeling import load_model
+from adl_llm.nf4 import dequantized_base, is_dequantized, nf4_layers
+from adl_llm.tasks import run_train
+from tests.conftest import compose_config, tiny_overrides
+
+
+def _weight(state, packed, dtype):
+    nested = state.nested
+    return nf4_graph.nf4_weight(
+        packed,
+        state.absmax,
+        state.code,
+        state.state2.absmax if nested else None,
+        state.state2.code if nested else None,
+        state.offset if nested else 0.0,
+        state.blocksize,
+        state.state2.blocksize if nested else 0,
+        tuple(state.shape),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_weight_is_bitsandbytes_own_bit_for_bit(nested, dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 320) * 0.05  # 30,720 values: absmax blocks beyond one nested block of 256
+    packed, state = quantize_4bit(weight.to(dtype), quant_type="nf4", compress_statistics=nested)
+    assert state.nested == nested
+    assert torch.equal(_weight(state, packed, dtype), dequantize_4bit(packed, state))
+
+
+@pytest.fixture
+def nf4_model(tiny_model_dir):
+    return load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.float32))
+
+
+def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model):
+    layer = nf4_layers(nf4_model)[0]
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    changed = nf4_graph.to_graph(nf4_model)
+    try:
+        assert layer in changed and len(changed) == len(nf4_layers(nf4_model))
+        out = layer(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+    finally:
+        nf4_graph.restore(changed)
+    assert torch.allclose(out, expected, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert type(layer).__name__ == "Linear4bit" and "nf4_absmax" not in layer._buffers  # bitsandbytes' layer again
+
+
+def test_dequantised_layers_are_left_as_they_are(nf4_model):
+    with dequantized_base(nf4_model, enabled=True, memory_limit=1e12) as used:
+        assert used
+        assert nf4_graph.to_graph(nf4_model) == []
+        assert all(is_dequantized(layer) for layer in nf4_layers(nf4_model))
+
+
+def test_compiled_training_of_an_nf4_model_gives_the_losses_of_bitsandbytes(tiny_model_dir, tmp_path, caplog):
+    """The NF4 base kept quantised (train.dequantize_base=false), without dropout; about a minute on 2 cores."""
+    losses, compiled_steps = {}, {}
+    for compile_layers in ("false", "true"):
+        overrides = (
+            "task=train",
+            "model.quant=nf4",
+            "data.n_train=8",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            "train.dequantize_base=false",
+            "lora.lora_dropout=0.0",
+            "train.save_every=0",
+            f"train.compile={compile_layers}",
+        )
+        cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / compile_layers)
+        with caplog.at_level(logging.INFO):
+            metrics = run_train(cfg)
+        losses[compile_layers] = metrics["train/losses"]
+        compiled_steps[compile_layers] = metrics["train/compiled_steps"]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+    assert compiled_steps == {"false": 0, "true": 2}
+    assert "NF4 weights dequantised in the graph" in caplog.text
