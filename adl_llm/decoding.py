@@ -104,13 +104,16 @@ def generate_from_ids(
     stats: dict | None = None,
 ) -> list[str]:
     """One decoded answer per encoded prompt, in their order. `fast`: the decode path of decode_path.py (a batch
-    job's; a chat's prompts come one at a time), whose warm-up (compiling) seconds and path go into `stats`."""
+    job's; a chat's prompts come one at a time). Into `stats`: the path, and the seconds of warm-up before the first
+    answer (the stop-string tables, and the compiling of a compiled step), which examples/s leaves out."""
     # Longest first: little padding per batch, and an out-of-memory shows in the first batch, not the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     stats = {} if stats is None else stats
+    started = time.perf_counter()
     stops = stop_criterion(tokenizer, gen.stop_strings)
+    stats["warmup_seconds"] = time.perf_counter() - started
     with decode_path.fast_path(model, gen) if fast else contextlib.nullcontext(decode_path.PLAIN) as path:
-        stats.update(path=path.describe(), warmup_seconds=0.0)
+        stats["path"] = path.describe()
         by_index = map_in_order(order, _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress))
     return [by_index[i] for i in range(len(encoded))]
 
@@ -233,19 +236,29 @@ def sampling_processors(gen: GenConfig, fused_sampling: bool) -> LogitsProcessor
     return LogitsProcessorList([TopKTopPSampling(gen.temperature, gen.top_k, gen.top_p, keep)])
 
 
+_STOP_TABLES: dict[tuple, StopStringCriteria] = {}  # built once per process and tokenizer (stop_criterion)
+
+
 def stop_criterion(tokenizer, stop_strings: Sequence[str]):
     """A factory of the stop-string criterion for a batch whose prompts are `width` columns wide, or None.
 
     transformers' StopStringCriteria is vectorised, but its tables need a tokenizer whose tokens it can map back
-    to text (about a second to build for 262k tokens, so once per call); where it cannot (a tokenizer without a
-    decoder), the new text of every row is decoded and searched each step instead."""
+    to text (1 to 2 s to build for Gemma's 262k tokens on an H200's host, more than decoding 250 prompts takes on
+    the fast path), so they are built once per process for a tokenizer loaded from a folder (the jobs of a sweep
+    load theirs anew); where they cannot be (a tokenizer without a decoder), the new text of every row is decoded
+    and searched each step instead."""
     if not stop_strings:
         return None
+    key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), tuple(stop_strings))
+    if tokenizer.name_or_path and key in _STOP_TABLES:
+        return lambda width: _STOP_TABLES[key]
     try:
         fast = StopStringCriteria(tokenizer, list(stop_strings))
     except Exception as err:  # transformers raises a bare ValueError("substring not found") here
         log.info("stop strings checked on the decoded text (%s: %s)", type(err).__name__, err)
         return lambda width: DecodedStopCriteria(tokenizer, stop_strings, width)
+    if tokenizer.name_or_path:
+        _STOP_TABLES[key] = fast
     return lambda width: fast
 
 

@@ -44,7 +44,7 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
     with out_of_memory_advice("generation", settings):
         texts = generate_from_ids(model, tokenizer, encoded, cfg.gen, fast=True, stats=stats)
     wall = time.perf_counter() - started
-    seconds = wall - stats["warmup_seconds"]  # decoding; compiling and capturing the step is counted apart
+    seconds = wall - stats["warmup_seconds"]  # decoding; the stop-string tables and any compiling counted apart
     if is_main():
         write_json(out / "predictions.json", [{"id": r.id, "output": text} for r, text in zip(records, texts)])
     metrics = {

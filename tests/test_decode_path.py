@@ -70,7 +70,7 @@ def test_a_static_cache_decodes_the_text_of_the_plain_path(tiny, beams):
         model, tokenizer, encoded, dataclasses.replace(gen, static_cache=True), progress=False, fast=True, stats=stats
     )
     assert fast == plain and all(plain)
-    assert stats == {"path": "static_cache", "warmup_seconds": 0.0}
+    assert set(stats) == {"path", "warmup_seconds"} and stats["path"] == "static_cache"
 
 
 @pytest.mark.parametrize("settings", [{}, {"static_cache": True}])
@@ -342,6 +342,7 @@ def test_the_generate_task_records_its_path_and_warm_up(tiny_model_dir, tmp_path
         tiny_model_dir, "task=generate", "gen=greedy", "gen.max_new_tokens=6", "gen.static_cache=true"
     )
     metrics = run_generate(compose_config(*overrides, output_dir=tmp_path))
-    assert metrics["gen/path"] == "static_cache" and metrics["gen/warmup_seconds"] == 0.0
-    assert metrics["gen/wall_seconds"] >= metrics["gen/seconds"] > 0
+    assert metrics["gen/path"] == "static_cache" and metrics["gen/warmup_seconds"] >= 0  # the stop-string tables
+    assert metrics["gen/wall_seconds"] == pytest.approx(metrics["gen/seconds"] + metrics["gen/warmup_seconds"])
+    assert metrics["gen/seconds"] > 0
     assert read_json(tmp_path / "metrics.json")["gen/path"] == "static_cache"

@@ -50,6 +50,21 @@ def test_generation_is_cut_at_a_stop_string(tiny):
     assert all(stop not in text for text in texts)
 
 
+def test_the_stop_string_tables_are_built_once_per_tokenizer_and_strings(tiny_model_dir, tiny, monkeypatch):
+    """A sweep's jobs load the tokenizer anew: its tables (a second or two for a 262k vocabulary) are built once."""
+    from adl_llm import decoding
+
+    built = []
+    real = decoding.StopStringCriteria
+    monkeypatch.setattr(decoding, "_STOP_TABLES", {})
+    monkeypatch.setattr(decoding, "StopStringCriteria", lambda *args: built.append(args) or real(*args))
+    _, tokenizer = tiny
+    again = AutoTokenizer.from_pretrained(tiny_model_dir)  # the next job's
+    first = decoding.stop_criterion(tokenizer, ["USER:"])(8)
+    assert decoding.stop_criterion(again, ["USER:"])(16) is first and len(built) == 1
+    assert decoding.stop_criterion(again, ["USER:", "\n"])(8) is not first and len(built) == 2  # other strings
+
+
 def test_task_generate_writes_ordered_predictions_and_metrics(tiny_model_dir, tmp_path):
     cfg = compose_config(
         *tiny_overrides(tiny_model_dir, "task=generate", "gen=beam3", "gen.max_new_tokens=8", "gen.batch_size=5"),
