@@ -17,12 +17,12 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   H200 (docs/BENCHMARKS.md) a first version crashed (it compiled the prompt pass); the next ran, but slower than
   the plain path: Gemma 3's step was recompiled at every token (transformers' sliding-window cache layer counts in
   a Python int), beam search's reorder replaced the cache's tensors (CUDA graphs skipped), and generate gave the
-  step no positions (the wrapper hid the model's signature). Each is fixed and tested on a CPU (one compile per
-  job, whatever it decodes). Measured since on an H200: 2.4x to 4x the plain path's examples/s on the embedded
-  model, 1.96x on a 7B at beams 5, but 8 to 31 s of compiling a job, which 250 prompts do not win back; so opt-in.
-  Since then the rows of a batch (prompts x beams) are a dynamic dimension of the step, so the jobs of a sweep over
-  beams, adapters or prompts of one width reuse the first job's graph (tested on a CPU; on an H200 a tiny model's
-  second job took 0.1 s of warm-up against the first's 17.5 s; not yet timed on the embedded model).
+  step no positions (the wrapper hid the model's signature). Each is fixed and tested on a CPU. The rows of a
+  batch (prompts x beams) are a dynamic dimension of the step, and the dequantised weights buffers of one layer
+  class (nf4.py), so the jobs of a sweep over beams, adapters or prompts of one width reuse the first job's graph.
+  On an H200, with fused sampling: 4.8x to 5.6x the plain path's examples/s at beams 1 to 5 with the report's
+  sampling, 2.7x greedy, 1.96x on a 7B at beams 5; the beam sweep compiled for 43 s in its first job and 0.2 s
+  in the next two, so a sweep of 250 prompts takes as long as on the plain path: opt-in.
 - **fused sampling** (`gen.fused_sampling`, null: when sampling with a top_k): temperature, top-k and top-p on the
   k best tokens of each row (sampling.py) instead of transformers' three warpers, whose top-p sorts all 262k of
   Gemma's scores for every row and step. The same tokens kept with the same scores, so the same draws.
@@ -105,7 +105,10 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         log.info("gen.compile: off, because gen.static_cache=false (a compiled step needs the cache's fixed shape)")
         compiled = False
     if compiled and on_gpu:
-        log.info("gen.compile=true: the step compiles first (about 10 to 30 s a job on an H200, docs/BENCHMARKS.md)")
+        log.info(
+            "gen.compile=true: the step compiles in the process's first job (11 to 43 s on an H200), later jobs of "
+            "a sweep reuse it (docs/BENCHMARKS.md)"
+        )
     # On a CPU the copy was no clear gain (docs/BENCHMARKS.md), so it is made only when asked, and from the weights
     # unpacked from bitsandbytes' CPU packing (a pipeline scores, which packs them, before it decodes).
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
