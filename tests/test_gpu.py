@@ -135,3 +135,63 @@ def test_liger_kernels_decode_a_batch_as_the_plain_path_does(embedded):
     fused = generate_from_ids(load_model(ModelConfig(name_or_path=source, liger=True)), tokenizer, encoded, gen)
     plain = generate_from_ids(load_model(ModelConfig(name_or_path=source, liger=False)), tokenizer, encoded, gen)
     assert sum(a == b for a, b in zip(fused, plain)) >= 0.8 * len(encoded)
+
+
+def _nf4_shapes(model) -> dict:
+    """One NF4 layer for each distinct weight shape of `model`."""
+    from adl_llm.nf4 import nf4_layers
+
+    return {tuple(layer.weight.quant_state.shape): layer for layer in nf4_layers(model)}
+
+
+def test_bitsandbytes_fused_4bit_gemm_agrees_with_dequantising_for_every_row_count(embedded):
+    """bitsandbytes 0.50 multiplies by an NF4 weight with its own fused kernel for 1 to 1536 rows on a CUDA card (a
+    decode step's rows: prompts x beams) and by dequantise-then-matmul above. The plain decoding path at beams 5 wrote
+    run-on Latin-letter answers on an H200 (docs/BENCHMARKS.md): this says whether the kernel is the cause."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    source, _, _ = embedded
+    model = load_model(ModelConfig(name_or_path=source, liger=False))
+    torch.manual_seed(0)
+    wrong = []
+    for shape, layer in _nf4_shapes(model).items():
+        state = layer.weight.quant_state
+        weight = dequantize_4bit(layer.weight.data, state).to(torch.bfloat16)
+        for rows in [*range(1, 65), *range(65, 1537, 37), 1536]:
+            x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                fused = layer(x)
+            expected = torch.nn.functional.linear(x.float(), weight.float())
+            error = (fused.float() - expected).abs().max() / expected.abs().max()
+            if not error < 0.02:  # bf16 rounding is about 0.4%; a wrong kernel is off by its whole size
+                wrong.append(f"{shape} at {rows} rows: {float(error):.3f}")
+    assert not wrong, "; ".join(wrong[:10])
+
+
+def test_nf4_weights_dequantised_in_the_graph_are_bitsandbytes_own_on_cuda(embedded):
+    """adl_llm/nf4_graph.py's torch operations against bitsandbytes' CUDA kernel, eager and compiled."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from adl_llm.nf4_graph import nf4_weight
+
+    source, _, _ = embedded
+    model = load_model(ModelConfig(name_or_path=source, liger=False))
+    compiled = torch.compile(nf4_weight, dynamic=False)
+    for shape, layer in _nf4_shapes(model).items():
+        state = layer.weight.quant_state
+        args = (
+            layer.weight.data,
+            state.absmax,
+            state.code,
+            state.state2.absmax,
+            state.state2.code,
+            state.offset,
+            state.blocksize,
+            state.state2.blocksize,
+            shape,
+            torch.bfloat16,
+        )
+        expected = dequantize_4bit(layer.weight.data, state).to(torch.bfloat16)
+        assert torch.equal(nf4_weight(*args), expected), shape
+        # inductor may fuse the nested scale's multiply-add into one rounding: within a bf16 step, not bit for bit
+        assert torch.allclose(compiled(*args), expected, rtol=8e-3, atol=0), shape
