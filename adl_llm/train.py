@@ -31,9 +31,10 @@ from adl_llm.errors import RunFailed
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
 from adl_llm.micro_batches import MicroBatchPlan, plan_micro_batches, split_step
-from adl_llm.modeling import set_gradient_checkpointing
+from adl_llm.modeling import set_gradient_checkpointing, weight_dtype
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.optim import make_optimizer, make_scheduler
+from adl_llm.precision import autocast_forward
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     limit = memory_limit(tc.memory_budget_gb, device)
     try:
         with (
+            autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, tc.compile) as compiled,
         ):

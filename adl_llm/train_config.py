@@ -87,6 +87,7 @@ class TrainConfig:
     pad_to_multiple: int | None
     dequantize_base: bool | None
     compile: bool
+    autocast: bool
     init_from: str | None
     resume: ResumeMode
     save_every: int

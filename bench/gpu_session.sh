@@ -234,7 +234,7 @@ decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop
   llama7b
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train \
-    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations budget40,no_liger,compile,compile_budget40 --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
+    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations "${ABLATIONS7B:-budget40,compile,compile_autocast,compile_budget40}" --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
     --out "$KEEP/bench" 2>&1 \
     | log bench-llama7b-train
   tail -n 30 "$KEEP/bench-llama7b-train.log"
