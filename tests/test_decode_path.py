@@ -229,15 +229,13 @@ def test_a_compiled_job_compiles_its_step_once_whatever_it_decodes(tiny, archite
     assert counts[0] == counts[1] > 0
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
-def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, architecture, monkeypatch):
-    """The rows of a batch (prompts x beams) are dynamic in the compiled step, so the jobs of a beam sweep, each with
-    its own model as a multirun loads it, reuse the first job's graph (on an H200 each job compiled for about 30 s)."""
-    _, tokenizer, encoded = tiny
+def _count_graphs_across_jobs(monkeypatch) -> list:
+    """From here on torch.compile traces with one counting backend for every job of the test (as inductor's compare
+    equal, so a later job may reuse a graph): the list of graphs compiled, which grows as they are."""
     graphs = []
     real_compile = torch.compile
 
-    def backend(graph, example_inputs):  # one backend for every job, as inductor's compare equal
+    def backend(graph, example_inputs):
         graphs.append(graph)
         return graph.forward
 
@@ -246,6 +244,15 @@ def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, archite
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", counted)
+    return graphs
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, architecture, monkeypatch):
+    """The rows of a batch (prompts x beams) are dynamic in the compiled step, so the jobs of a beam sweep, each with
+    its own model as a multirun loads it, reuse the first job's graph (on an H200 each job compiled for about 30 s)."""
+    _, tokenizer, encoded = tiny
+    graphs = _count_graphs_across_jobs(monkeypatch)
     counts = []
     with torch._dynamo.config.patch(recompile_limit=100):
         for beams in (1, 3, 5):
@@ -268,18 +275,7 @@ def test_jobs_with_a_dequantised_base_reuse_the_compiled_step(tiny_model_dir, ti
     """Each job dequantises the NF4 weights anew; the compiled step must not guard on the copy's objects (on an H200
     every job, and every call of bench.profile_decode, compiled again for 10 s when each layer had its own forward)."""
     _, tokenizer, encoded = tiny
-    graphs = []
-    real_compile = torch.compile
-
-    def backend(graph, example_inputs):  # one backend for every job, as inductor's compare equal
-        graphs.append(graph)
-        return graph.forward
-
-    def counted(forward, mode=None, dynamic=None):
-        return real_compile(forward, backend=backend, dynamic=dynamic)
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", counted)
+    graphs = _count_graphs_across_jobs(monkeypatch)
     gen = _gen(batch_size=3, max_new_tokens=5, stop_strings=[], dequantize=True, compile=True)
     counts = []
     with torch._dynamo.config.patch(recompile_limit=100):
