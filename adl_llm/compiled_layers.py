@@ -133,14 +133,15 @@ def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[C
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
-    for layer in layers:
-        _compile(layer, mode)
-    nf4 = nf4_graph.to_graph(model) if layers else []
-    if layers:
-        in_graph = f", {len(nf4)} NF4 weights dequantised in the graph" if nf4 else ""
-        log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), type(layers[0]).__name__, in_graph)
-    compiled = CompiledLayers(model, layers, nf4)
+    compiled = CompiledLayers(model, layers, [])
     try:
+        for layer in layers:
+            _compile(layer, mode)
+        compiled.nf4 = nf4_graph.to_graph(layers)
+        if layers:
+            name = type(layers[0]).__name__
+            in_graph = f", {len(compiled.nf4)} NF4 weights dequantised in the graph" if compiled.nf4 else ""
+            log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), name, in_graph)
         yield compiled
     finally:
         compiled.uncompile()

@@ -60,7 +60,9 @@ def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Ite
     """
     layers = nf4_layers(model)
     dtype = layers[0].compute_dtype if layers else None
-    plain = all(layer.compute_dtype == dtype and "forward" not in vars(layer) for layer in layers)
+    plain = all(
+        layer.compute_dtype == dtype and "forward" not in vars(layer) and not is_dequantized(layer) for layer in layers
+    )
     if dtype is None or enabled is False or not plain:
         yield False
         return

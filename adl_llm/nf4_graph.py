@@ -5,8 +5,11 @@ about 250 us of host time (bitsandbytes::gemm_4bit in docs/bench/profile-llama7b
 of a 7B step's 340, while the GPU waits. Under `train.compile` the NF4 layers the memory plan keeps quantised
 dequantise in plain torch operations instead, which inductor fuses into one kernel per weight and launches from
 its generated code: the nibble unpacking, the NF4 code book, the (double-quantised) block scales, the cast. The
-values are bitsandbytes' own (tests/test_nf4_graph.py compares them bit for bit on a CPU); like bitsandbytes, the
-backward pass dequantises again rather than keep the weight, so the memory is that of the quantised layer.
+values are bitsandbytes' own (tests/test_nf4_graph.py compares them bit for bit on a CPU). Eagerly, the backward
+pass dequantises again, as bitsandbytes does, and keeps nothing but the quantised layer; compiled, inductor's
+partitioner may keep the dequantised weight for the backward instead: one decoder layer's weights at a time under
+gradient checkpointing (the recompute runs just before that layer's backward), all of them without it. The memory
+plan measures the compiled passes, so it plans with whichever it is.
 """
 
 from __future__ import annotations
@@ -61,24 +64,28 @@ def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def supported(layer) -> bool:
-    """An NF4 layer in bitsandbytes' standard packing with one compute dtype, not dequantised for the run."""
+    """An NF4 layer in bitsandbytes' standard packing (bytes, whole blocks) with one compute dtype, not dequantised
+    for the run and not otherwise changed."""
     state = getattr(layer.weight, "quant_state", None)
     return (
         state is not None
         and state.quant_type == "nf4"
         and layer.compute_dtype is not None
         and len(state.shape) == 2
+        and state.shape.numel() % state.blocksize == 0
+        and layer.weight.dtype == torch.uint8
         and not getattr(state, "packing_format_for_cpu", False)
         and not is_dequantized(layer)
         and "forward" not in vars(layer)
     )
 
 
-def to_graph(model) -> list:
-    """Every supported NF4 layer of `model` dequantises in torch operations (as buffers: the quantisation state of
-    each layer is a graph input, so the decoder layers share one compiled graph); the layers changed."""
+def to_graph(modules: list[torch.nn.Module]) -> list:
+    """Every supported NF4 layer within `modules` (the compiled decoder layers) dequantises in torch operations (as
+    buffers: the quantisation state of each layer is a graph input, so the decoder layers share one compiled
+    graph); the layers changed."""
     changed = []
-    for layer in nf4_layers(model):
+    for layer in (found for module in modules for found in nf4_layers(module)):
         if not supported(layer):
             continue
         state = layer.weight.quant_state

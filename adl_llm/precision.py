@@ -21,21 +21,26 @@ HALF = (torch.bfloat16, torch.float16)
 
 @contextlib.contextmanager
 def autocast_forward(model, enabled: bool, dtype: torch.dtype, device: torch.device) -> Iterator[bool]:
-    """Within: `model`'s forward (with the checkpoint's recompute, which restores autocast) runs under autocast in
-    `dtype`, when `enabled` and `dtype` is a half type; yields whether it does. The backward and the optimiser step
-    stay outside, as PyTorch advises."""
+    """Within: `model`'s forward, and its decoder's (which the training loss calls: loss.answer_nll projects the
+    answer positions itself), run under autocast in `dtype` (the checkpoint's recompute restores it), when `enabled`
+    and `dtype` is a half type; yields whether they do. The backward and the optimiser step stay outside, as
+    PyTorch advises."""
     if not enabled or dtype not in HALF:
         if enabled:
             log.info("train.autocast: the model computes in %s, so there is nothing to autocast", dtype)
         yield False
         return
-    own = model.__dict__.get("forward")  # an instance's own forward (a hook's), wrapped, and put back after
-    model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    modules = [model] + ([decoder] if decoder is not None and decoder is not model else [])
+    owns = [module.__dict__.get("forward") for module in modules]  # an instance's own forward (a hook's), put back
+    for module in modules:
+        module.forward = torch.autocast(device.type, dtype=dtype)(module.forward)
     log.info("train.autocast: the forward under torch.autocast(%s): LoRA's products in it, its weights fp32", dtype)
     try:
         yield True
     finally:
-        if own is None:
-            del model.forward
-        else:
-            model.forward = own
+        for module, own in zip(modules, owns, strict=True):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own

@@ -5,8 +5,11 @@ k-th set to -inf) and top-p, which sorts the whole row to find the nucleus. With
 and its softmax and cumulative sum, run over every row (prompts x beams) at every decoding step, for a nucleus
 drawn from at most k tokens. This processor finds the k best once (with a margin for ties at the k-th score) and
 applies top-p among them: the same kept tokens with the same scores, so sampling draws the same tokens from the
-same random numbers (tests/test_sampling.py against transformers' warpers). Where the margin does not hold every
-tie, or a row has fewer than k finite scores, the step falls back to transformers' warpers.
+same random numbers (tests/test_sampling.py against transformers' warpers). Where top-p's cut falls between tied
+scores, the tied tokens are cut in token-id order, as a stable sort of the whole row cuts them: a GPU's sort is
+stable, a CPU's is not, so on a CPU transformers keeps an arbitrary one of them and the draws may differ there
+(the distribution is the same). Where the margin does not hold every tie, or a row has fewer than k finite
+scores, the step falls back to transformers' warpers.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ class TopKTopPSampling(LogitsProcessor):
             raise ValueError(f"TopKTopPSampling needs top_k >= 1, got {top_k}")
         self.temperature, self.top_p, self.min_keep = temperature, top_p, min_tokens_to_keep
         self.top_k = max(top_k, min_tokens_to_keep)
-        self.warpers = [
+        self.warpers = [  # as generate adds them: temperature 1 and top_p 1 add none
             TemperatureLogitsWarper(temperature),
             TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=min_tokens_to_keep),
-            TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep),
+            *([TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)] if top_p < 1.0 else []),
         ]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
@@ -48,8 +51,11 @@ class TopKTopPSampling(LogitsProcessor):
         indices = indices.gather(-1, ascending)
         candidates = values.masked_fill(values < kth, -float("inf"))  # top-k keeps every score at least the k-th
         # top-p: drop the scores whose cumulative probability is at most 1 - top_p, never the last min_tokens_to_keep
-        dropped = candidates.softmax(-1).cumsum(-1) <= 1 - self.top_p
-        dropped[..., -self.min_keep :] = False
+        if self.top_p >= 1.0:  # generate adds no top-p warper then
+            dropped = torch.zeros_like(candidates, dtype=torch.bool)
+        else:
+            dropped = candidates.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            dropped[..., -self.min_keep :] = False
         out = torch.full_like(scaled, -float("inf"))
         return out.scatter_(-1, indices, candidates.masked_fill(dropped, -float("inf")))
 

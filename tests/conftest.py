@@ -20,6 +20,13 @@ EVAL_FILE = ASSETS / "eval.json"  # the first 12 records of data/classical_zh/pu
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles from empty caches: torch.compile keeps at most 8 graphs per function for the whole process
+    (recompile_limit) and then runs it eagerly, which would make a compiled test depend on the tests before it."""
+    torch._dynamo.reset()
+
+
 def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 64) and a one-character-per-token tokenizer over the test assets."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

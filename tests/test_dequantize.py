@@ -92,6 +92,15 @@ def test_an_error_inside_restores_every_layer(tiny_model_dir):
     assert not any(is_dequantized(layer) for layer in nf4_layers(model))
 
 
+def test_a_base_dequantised_already_is_not_dequantised_again(tiny_model_dir):
+    model, _ = _nf4_model_and_examples(tiny_model_dir)
+    with dequantized_base(model, enabled=True, memory_limit=2**30) as outer:
+        with dequantized_base(model, enabled=True, memory_limit=2**30) as inner:
+            assert outer and not inner
+        assert all(is_dequantized(layer) for layer in nf4_layers(model))  # the outer copy still in place
+    assert not any(is_dequantized(layer) for layer in nf4_layers(model))
+
+
 def test_a_base_whose_forwards_hooks_replaced_is_left_alone(tiny_model_dir):
     model, _ = _nf4_model_and_examples(tiny_model_dir)
     hooked = nf4_layers(model)[0]

@@ -53,7 +53,7 @@ def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     expected = layer(x)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
-    changed = nf4_graph.to_graph(nf4_model)
+    changed = nf4_graph.to_graph([nf4_model])
     try:
         assert layer in changed and len(changed) == len(nf4_layers(nf4_model))
         out = layer(x)
@@ -68,8 +68,18 @@ def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model
 def test_dequantised_layers_are_left_as_they_are(nf4_model):
     with dequantized_base(nf4_model, enabled=True, memory_limit=1e12) as used:
         assert used
-        assert nf4_graph.to_graph(nf4_model) == []
+        assert nf4_graph.to_graph([nf4_model]) == []
         assert all(is_dequantized(layer) for layer in nf4_layers(nf4_model))
+
+
+def test_layers_outside_the_packing_it_reads_stay_with_bitsandbytes():
+    import bitsandbytes as bnb
+
+    partial = bnb.nn.Linear4bit(10, 10, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    assert partial.weight.quant_state.shape.numel() % partial.weight.quant_state.blocksize  # a block left over
+    assert not nf4_graph.supported(partial) and nf4_graph.to_graph([partial]) == []
+    x = torch.randn(2, 10)
+    assert partial(x).shape == (2, 10)  # bitsandbytes' own forward, which handles the last block
 
 
 def test_compiled_training_of_an_nf4_model_gives_the_losses_of_bitsandbytes(tiny_model_dir, tmp_path, caplog):

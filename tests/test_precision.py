@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from adl_llm.config import DType, LoraConfig, ModelConfig, Quant
+from adl_llm.encode import IGNORE, Encoded
+from adl_llm.loss import accumulate_gradients
 from adl_llm.modeling import add_lora, load_model
 from adl_llm.precision import autocast_forward
 from adl_llm.tasks import run_train
@@ -16,8 +18,9 @@ from tests.conftest import compose_config, tiny_overrides
 CPU = torch.device("cpu")
 
 
-def _lora_dtypes(model) -> list[torch.dtype]:
-    """The dtype of each lora_A product in one forward pass."""
+def _lora_dtypes(model) -> set[torch.dtype]:
+    """The dtypes of the lora_A products in a call of the model and in a training pass (accumulate_gradients, which
+    calls the decoder and projects the answer positions itself)."""
     seen = []
     hooks = [
         module.register_forward_hook(lambda _, __, out: seen.append(out.dtype))
@@ -26,9 +29,12 @@ def _lora_dtypes(model) -> list[torch.dtype]:
     ]
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 9, 3]]))
+    example = Encoded(input_ids=[1, 5, 9, 3, 7, 2], labels=[IGNORE, IGNORE, 9, 3, 7, 2], truncated=False)
+    accumulate_gradients(model, [[example]], 4, 0, CPU)
+    model.zero_grad(set_to_none=True)
     for hook in hooks:
         hook.remove()
-    return seen
+    return set(seen)
 
 
 def _model(tiny_model_dir, dtype: DType):
@@ -38,10 +44,11 @@ def _model(tiny_model_dir, dtype: DType):
 
 def test_under_autocast_lora_computes_in_bf16_and_keeps_fp32_weights(tiny_model_dir):
     model = _model(tiny_model_dir, DType.bfloat16)
-    assert set(_lora_dtypes(model)) == {torch.float32}  # peft's own: the adapter in fp32
+    assert _lora_dtypes(model) == {torch.float32}  # peft's own: the adapter in fp32
     with autocast_forward(model, True, torch.bfloat16, CPU) as used:
-        assert used and set(_lora_dtypes(model)) == {torch.bfloat16}
-    assert "forward" not in vars(model) and set(_lora_dtypes(model)) == {torch.float32}
+        assert used and _lora_dtypes(model) == {torch.bfloat16}
+    assert "forward" not in vars(model) and "forward" not in vars(model.get_decoder())
+    assert _lora_dtypes(model) == {torch.float32}
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 

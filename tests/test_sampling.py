@@ -32,7 +32,7 @@ def stable_sort(monkeypatch):
     monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: real(*args, **{**kwargs, "stable": True}))
 
 
-SETTINGS = [(10, 0.9, 1), (10, 0.9, 2), (3, 0.5, 1), (50, 0.99, 2)]
+SETTINGS = [(10, 0.9, 1), (10, 0.9, 2), (3, 0.5, 1), (50, 0.99, 2), (10, 1.0, 1)]  # top_p 1: top-k alone
 
 
 @pytest.mark.parametrize(("top_k", "top_p", "keep"), SETTINGS)
