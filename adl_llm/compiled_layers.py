@@ -85,6 +85,18 @@ def _compile(layer, mode: str | None) -> None:
     layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl, mode=mode))
 
 
+class _RecompileLimit(logging.Handler):
+    """Notes torch.compile's warning that a function reached its recompile limit: from then on torch runs that
+    function's new variants eagerly, silently but for that warning."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hit = self.said = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.hit = self.hit or "recompile_limit" in record.getMessage()
+
+
 class CompiledLayers:
     """The decoder layers a training run compiled (and the NF4 layers it dequantises in the graph: nf4_graph.py),
     and the way back to their eager selves."""
@@ -93,10 +105,12 @@ class CompiledLayers:
         self.model = model
         self.layers = layers
         self.nf4 = nf4
+        self.limit = _RecompileLimit()
 
     @property
     def count(self) -> int:
-        return len(self.layers)
+        """The decoder layers that run compiled: none once torch.compile stopped compiling their new variants."""
+        return 0 if self.limit.hit else len(self.layers)
 
     def uncompile(self) -> None:
         for layer in self.layers:
@@ -108,9 +122,18 @@ class CompiledLayers:
     def run(self, work: Callable[[], T], on_fallback: Callable[[], None] | None = None) -> T:
         """`work()`; where torch.compile fails within it, a warning and `work()` again on the eager layers, from
         zeroed gradients (so a step that failed part-way is redone whole; it seeds its own dropout), after
-        `on_fallback()` (a memory plan made for the compiled layers may not hold for the eager ones)."""
+        `on_fallback()` (a memory plan made for the compiled layers may not hold for the eager ones). Warns once
+        where torch.compile reached its recompile limit, after which it runs new variants eagerly."""
         try:
-            return work()
+            result = work()
+            if self.layers and self.limit.hit and not self.limit.said:
+                self.limit.said = True
+                log.warning(
+                    "train.compile: torch.compile reached its recompile limit (torch._dynamo.config.recompile_limit) "
+                    "in this process; new variants of the decoder layers run eagerly, and train/compiled_steps stops "
+                    "counting"
+                )
+            return result
         except torch._dynamo.exc.TorchDynamoException as err:
             if not self.layers:
                 raise
@@ -134,6 +157,8 @@ def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[C
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
     compiled = CompiledLayers(model, layers, [])
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")  # where torch warns of the recompile limit
+    dynamo_log.addHandler(compiled.limit)
     try:
         for layer in layers:
             _compile(layer, mode)
@@ -144,4 +169,5 @@ def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[C
             log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), name, in_graph)
         yield compiled
     finally:
+        dynamo_log.removeHandler(compiled.limit)
         compiled.uncompile()

@@ -72,6 +72,19 @@ def test_work_that_fails_to_compile_is_done_again_on_the_eager_layers(tiny_model
         compiled.run(failing)  # without compiled layers the error is not a compile's to forgive
 
 
+def test_reaching_the_recompile_limit_is_said_and_no_longer_counted_as_compiled(tiny_model_dir, caplog):
+    """torch.compile runs a function's new variants eagerly once it has compiled recompile_limit of them in the
+    process (a long multirun can get there), saying so only in its own warning."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with caplog.at_level(logging.WARNING), compiled_layers(model, True) as compiled:
+        assert compiled.run(lambda: "step") == "step" and compiled.count == 2
+        logging.getLogger("torch._dynamo.convert_frame").warning("torch._dynamo hit config.recompile_limit (8)")
+        assert compiled.run(lambda: "step") == "step" and compiled.count == 0
+        compiled.run(lambda: "step")
+    assert caplog.text.count("train.compile: torch.compile reached its recompile limit") == 1
+    assert compiled.limit not in logging.getLogger("torch._dynamo.convert_frame").handlers
+
+
 def test_a_training_run_whose_model_does_not_compile_trains_eagerly(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """torch.compile failing on the first pass (the memory probe on a GPU, the first step on a CPU): the run warns
     and gives the eager run's losses."""
