@@ -82,12 +82,17 @@ def test_layers_outside_the_packing_it_reads_stay_with_bitsandbytes():
     assert partial(x).shape == (2, 10)  # bitsandbytes' own forward, which handles the last block
 
 
-def test_compiled_training_of_an_nf4_model_gives_the_losses_of_bitsandbytes(tiny_model_dir, tmp_path, caplog):
-    """The NF4 base kept quantised (train.dequantize_base=false), without dropout; about a minute on 2 cores."""
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_compiled_training_of_an_nf4_model_gives_the_losses_of_bitsandbytes(
+    tiny_model_dir, tmp_path, caplog, checkpointing
+):
+    """The NF4 base kept quantised (train.dequantize_base=false), without dropout, with and without gradient
+    checkpointing (whose recompute runs the compiled layer again); about half a minute each on 2 cores."""
     losses, compiled_steps = {}, {}
     for compile_layers in ("false", "true"):
         overrides = (
             "task=train",
+            f"train.gradient_checkpointing={checkpointing}",
             "model.quant=nf4",
             "data.n_train=8",
             "train.batch_size=4",
