@@ -249,15 +249,17 @@ def stop_criterion(tokenizer, stop_strings: Sequence[str]):
     and searched each step instead."""
     if not stop_strings:
         return None
-    key = (type(tokenizer).__name__, tokenizer.name_or_path, _vocabulary_sample(tokenizer), tuple(stop_strings))
-    if tokenizer.name_or_path and key in _STOP_TABLES:
-        return lambda width: _STOP_TABLES[key]
+    key = None
+    if tokenizer.name_or_path:  # a tokenizer made in memory has nothing to tell it from another: not kept
+        key = (type(tokenizer).__name__, tokenizer.name_or_path, _vocabulary_sample(tokenizer), tuple(stop_strings))
+        if key in _STOP_TABLES:
+            return lambda width: _STOP_TABLES[key]
     try:
         fast = StopStringCriteria(tokenizer, list(stop_strings))
     except Exception as err:  # transformers raises a bare ValueError("substring not found") here
         log.info("stop strings checked on the decoded text (%s: %s)", type(err).__name__, err)
         return lambda width: DecodedStopCriteria(tokenizer, stop_strings, width)
-    if tokenizer.name_or_path:
+    if key is not None:
         _STOP_TABLES[key] = fast
     return lambda width: fast
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,27 @@ def dequantized_base(model, *, enabled: bool | None, memory_limit: float) -> Ite
 
 
 DEQUANTIZED = "dequantized_weight"  # the buffer that holds a layer's dequantised weight while it lasts
-_dequantized_classes: dict[type, type] = {}
+_subclasses: dict[tuple[type, Callable], type] = {}  # (layer class, forward) -> the subclass that runs it
+
+
+def use_forward(layer, forward: Callable, prefix: str) -> None:
+    """`layer` runs `forward`, its class swapped for a subclass made once per class and forward for the whole
+    process: a compiled graph guards on the class, so it is reused from one job to the next (an object per job,
+    as an instance's own forward was, failed torch.compile's guards: every job of a sweep compiled again)."""
+    base = type(layer)
+    if (base, forward) not in _subclasses:
+        _subclasses[base, forward] = type(f"{prefix}{base.__name__}", (base,), {"forward": forward})
+    layer.__class__ = _subclasses[base, forward]
+
+
+def runs_forward(layer, forward: Callable) -> bool:
+    return any(cls is type(layer) for (_, own), cls in _subclasses.items() if own is forward)
+
+
+def own_forward(layer) -> None:
+    """`layer`'s own class, and forward, again (after use_forward)."""
+    if type(layer) in _subclasses.values():
+        layer.__class__ = type(layer).__bases__[0]
 
 
 def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,28 +113,23 @@ def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize(layer) -> None:
-    """`layer` multiplies by its dequantised weight: a buffer, and a subclass whose forward uses it. The subclass is
-    one per layer class for the whole process, and the weight a buffer, so a compiled step made for one job's copy
-    is reused by the next job's (an object per job, as an instance's own forward was, failed torch.compile's
-    guards: every job of a sweep compiled again, 10 to 30 s on an H200)."""
+    """`layer` multiplies by its dequantised weight: a buffer (a graph input, not a guarded object, so a compiled
+    step made for one job's copy serves the next: 10 to 30 s of compiling a job on an H200 otherwise)."""
     from bitsandbytes.functional import dequantize_4bit
 
     weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
     layer.register_buffer(DEQUANTIZED, weight, persistent=False)
-    base = type(layer)
-    if base not in _dequantized_classes:
-        _dequantized_classes[base] = type(f"Dequantized{base.__name__}", (base,), {"forward": _dequantized_forward})
-    layer.__class__ = _dequantized_classes[base]
+    use_forward(layer, _dequantized_forward, "Dequantized")
 
 
 def is_dequantized(layer) -> bool:
-    return type(layer) in _dequantized_classes.values()
+    return runs_forward(layer, _dequantized_forward)
 
 
 def _restore(layer) -> None:
     """bitsandbytes' own layer again, without the copy."""
     if is_dequantized(layer):
-        layer.__class__ = type(layer).__bases__[0]
+        own_forward(layer)
     layer._buffers.pop(DEQUANTIZED, None)
 
 

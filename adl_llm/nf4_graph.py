@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adl_llm.nf4 import is_dequantized, nf4_layers
+from adl_llm.nf4 import is_dequantized, nf4_layers, own_forward, runs_forward, use_forward
 
 _STATE = ("nf4_absmax", "nf4_code", "nf4_absmax2", "nf4_code2", "nf4_offset")  # buffers while in the graph
-_graph_classes: dict[type, type] = {}
 
 
 def nf4_weight(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int, shape, dtype):
@@ -101,10 +100,7 @@ def to_graph(modules: list[torch.nn.Module]) -> list:
             layer.register_buffer(name, tensor, persistent=False)
         layer.nf4_blocksize = state.blocksize
         layer.nf4_blocksize2 = state.state2.blocksize if nested else 0
-        base = type(layer)
-        if base not in _graph_classes:
-            _graph_classes[base] = type(f"Graph{base.__name__}", (base,), {"forward": _graph_forward})
-        layer.__class__ = _graph_classes[base]
+        use_forward(layer, _graph_forward, "Graph")
         changed.append(layer)
     return changed
 
@@ -112,8 +108,8 @@ def to_graph(modules: list[torch.nn.Module]) -> list:
 def restore(layers: list) -> None:
     """bitsandbytes' own layers again."""
     for layer in layers:
-        if type(layer) in _graph_classes.values():
-            layer.__class__ = type(layer).__bases__[0]
+        if runs_forward(layer, _graph_forward):
+            own_forward(layer)
         for name in _STATE:
             layer._buffers.pop(name, None)
         for name in ("nf4_blocksize", "nf4_blocksize2"):
