@@ -34,6 +34,7 @@ from adl_llm.errors import first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
 
 
 def compile_failure(err: Exception) -> str:
@@ -65,14 +66,16 @@ def _uncheckpointed(layer, compiled, *args, **kwargs):
         layer.gradient_checkpointing = wanted
 
 
-def _call(layer, compiled, *args, **kwargs):
+def _call(layer, compiled, recomputable, *args, **kwargs):
     """A call of the compiled `layer`, inside the checkpoint function transformers set on it (with the model's
-    `use_reentrant`) when checkpointing is on at the time: the memory planner turns it on and off after compiling."""
+    `use_reentrant`) when checkpointing is on at the time: the memory planner turns it on and off after compiling.
+    A checkpointed call runs `recomputable`, the layer compiled without CUDA graphs: a graph's outputs are
+    overwritten by its next replay, before the backward pass recomputes from them (docs/bench/compile)."""
     # Unlike transformers' wrapper, this checkpoint also holds the layer's module hooks (they run again in the
     # recompute), and it leaves a KV cache argument as it is: training passes none (transformers' model itself sets
     # use_cache=False while checkpointing).
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-        run = functools.partial(_uncheckpointed, layer, compiled, **kwargs)
+        run = functools.partial(_uncheckpointed, layer, recomputable, **kwargs)
         return layer._gradient_checkpointing_func(run, *args)
     return _uncheckpointed(layer, compiled, *args, **kwargs)
 
@@ -82,7 +85,10 @@ def _compile(layer, mode: str | None) -> None:
     if not hasattr(layer, "gradient_checkpointing"):  # not a transformers layer: nothing to move out of the graph
         layer.compile(mode=mode)
         return
-    layer._compiled_call_impl = functools.partial(_call, layer, torch.compile(layer._call_impl, mode=mode))
+    compiled = torch.compile(layer._call_impl, mode=mode)
+    # compiled on first use only: a run that never checkpoints never compiles it
+    recomputable = torch.compile(layer._call_impl) if mode in CUDA_GRAPH_MODES else compiled
+    layer._compiled_call_impl = functools.partial(_call, layer, compiled, recomputable)
 
 
 class _RecompileLimit(logging.Handler):

@@ -23,6 +23,10 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   On an H200, with fused sampling: 4.8x to 5.6x the plain path's examples/s at beams 1 to 5 with the report's
   sampling, 2.7x greedy, 1.96x on a 7B at beams 5; the beam sweep compiled for 43 s in its first job and 0.2 s
   in the next two, so a sweep of 250 prompts takes as long as on the plain path: opt-in.
+- **NF4 in the graph** (`gen.nf4_graph`, null: with `gen.compile`): where the weights stay NF4 (a 7B within its
+  memory budget), the compiled step dequantises them in torch operations that inductor fuses (nf4_graph.py, as
+  `train.compile` does) instead of calling bitsandbytes' operator from Python for every layer and token; the prompt
+  pass, uncompiled, keeps bitsandbytes' kernels.
 - **fused sampling** (`gen.fused_sampling`, null: when sampling with a top_k): temperature, top-k and top-p on the
   k best tokens of each row (sampling.py) instead of transformers' three warpers, whose top-p sorts all 262k of
   Gemma's scores for every row and step. The same tokens kept with the same scores, so the same draws.
@@ -46,11 +50,13 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from transformers.generation import utils as generation_utils
 
+from adl_llm import nf4_graph
 from adl_llm.batching import padded_width
+from adl_llm.compiled_layers import decoder_layers
 from adl_llm.config import GenConfig
 from adl_llm.memory import memory_limit
 from adl_llm.modeling import base_model
-from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
+from adl_llm.nf4 import dequantized_base, nf4_layers, restore_cpu_nf4_training_path
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +90,14 @@ class DecodePath:
     static_cache: bool
     compile: bool
     fused_sampling: bool = False
+    nf4_graph: bool = False
 
     def describe(self) -> str:
         pieces = [name for name, on in dataclasses.asdict(self).items() if on]
         return "+".join(pieces) if pieces else "plain"
 
 
-PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False, fused_sampling=False)
+PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False, fused_sampling=False, nf4_graph=False)
 
 
 @contextlib.contextmanager
@@ -112,14 +119,18 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
     # On a CPU the copy was no clear gain (docs/BENCHMARKS.md), so it is made only when asked, and from the weights
     # unpacked from bitsandbytes' CPU packing (a pipeline scores, which packs them, before it decodes).
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
-    if dequantize and not on_gpu:
+    in_graph = compiled and gen.nf4_graph is not False
+    if (dequantize or in_graph) and not on_gpu:
         restore_cpu_nf4_training_path(model)
     limit = memory_limit(gen.memory_budget_gb, base.device)
     with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
         if gen.dequantize and not dequantized:
             log.info("gen.dequantize: the model has no NF4 layers bitsandbytes runs as loaded; nothing dequantised")
         fused = gen.do_sample and gen.top_k > 0 and gen.fused_sampling is not False
-        path = DecodePath(dequantize=dequantized, static_cache=static, compile=compiled, fused_sampling=fused)
+        in_graph = in_graph and any(nf4_graph.supported(layer) for layer in nf4_layers(model))
+        if gen.nf4_graph and not in_graph:
+            log.info("gen.nf4_graph: no NF4 layers bitsandbytes runs (or no compiled step); nothing changed")
+        path = DecodePath(dequantized, static, compiled, fused, in_graph)
         log.info("decoding path: %s", path.describe())
         yield path
 
@@ -188,9 +199,11 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
         base._adl_llm_compiled_forward = step
     own = base.__dict__.get("forward")  # an instance's own forward (a hook's), put back after
     base.forward = step
+    in_graph = nf4_graph.to_graph(decoder_layers(base)) if path.nf4_graph else []
     try:
         yield
     finally:
+        nf4_graph.restore(in_graph)
         if own is None:
             del base.forward
         else:

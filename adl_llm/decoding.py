@@ -142,7 +142,7 @@ def _with_fallback(model, tokenizer, encoded, gen, path, stops, stats, progress)
         # plain path's batches are sized on the memory it really has.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        path = dataclasses.replace(path, static_cache=False, compile=False)
+        path = dataclasses.replace(path, static_cache=False, compile=False, nf4_graph=False)
         stats["path"] = path.describe()
         return _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
 
@@ -163,7 +163,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
             extra.update(cache_implementation="static", max_cache_len=width + gen.max_new_tokens)
         if path.compile and cache is None:
             log.info("gen.compile: off, since this model's KV cache kinds would recompile the step (decode_path)")
-            path = dataclasses.replace(path, compile=False)
+            path = dataclasses.replace(path, compile=False, nf4_graph=False)
             stats["path"] = path.describe()
     settings = generation_config(gen, tokenizer, fused_sampling=path.fused_sampling, **extra)
     processors = sampling_processors(gen, path.fused_sampling)

@@ -31,6 +31,7 @@ class GenConfig:
     static_cache: bool | None
     compile: bool
     fused_sampling: bool | None
+    nf4_graph: bool | None
 
     def __post_init__(self) -> None:
         require_at_least("gen", self, 1, "beams", "max_new_tokens")

@@ -52,7 +52,11 @@ class _NF4Linear(torch.autograd.Function):
 
 
 def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Linear4bit.forward (compute dtype in, the input's dtype out) with the weight dequantised in the graph."""
+    """Linear4bit.forward (compute dtype in, the input's dtype out) with the weight dequantised in the graph; an
+    eager call (a decoding job's prompt pass, which stays uncompiled) takes bitsandbytes' own kernel: unfused, the
+    torch operations would launch several kernels and hold int64 codes the size of the weight."""
+    if not torch.compiler.is_compiling():
+        return type(self).__bases__[0].forward(self, x)
     dtype = self.compute_dtype
     state = [getattr(self, name) for name in _STATE]
     meta = (self.nf4_blocksize, self.nf4_blocksize2, tuple(self.weight.quant_state.shape))

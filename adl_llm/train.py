@@ -64,7 +64,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         with (
             autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
-            compiled_layers(model, tc.compile) as compiled,
+            compiled_layers(model, tc.compile, tc.compile_mode) as compiled,
         ):
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device)
             plan = compiled.run(plan_passes)

@@ -9,6 +9,9 @@ from typing import Any
 
 from adl_llm.conf_files import defaults_from, require, require_at_least
 
+# torch.compile's modes (torch._inductor.list_mode_options), named here so a typo stops the run before the model loads
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class ResumeMode(enum.Enum):
     auto = "auto"  # continue from the run folder's last complete checkpoint, if there is one
@@ -87,6 +90,7 @@ class TrainConfig:
     pad_to_multiple: int | None
     dequantize_base: bool | None
     compile: bool
+    compile_mode: str
     autocast: bool
     init_from: str | None
     resume: ResumeMode
@@ -103,6 +107,11 @@ class TrainConfig:
         require_at_least("train", self, 2, "max_length")
         require_at_least("train", self, 0, "memory_budget_gb", strict=True)
         require_at_least("train", self, 0, "max_grad_norm", "save_every")
+        require(
+            self.compile_mode in COMPILE_MODES,
+            "train.compile_mode",
+            f"must be one of {', '.join(COMPILE_MODES)} (torch.compile's modes), got {self.compile_mode!r}",
+        )
         if self.micro_batch_size and self.grad_accum:
             require(
                 self.micro_batch_size * self.grad_accum == self.batch_size,

@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
+#   bash bench/gpu_session.sh profile_decode7b       # where the 7B shape's decoding step spends its time
 #   DECODE=report BEAMS=5 bash bench/gpu_session.sh profile_decode  # where a decoding step spends its time
 #   bash bench/gpu_session.sh profile7b              # the 7B shape's training step: eager, compiled, CUDA graphs
 #   bash bench/gpu_session.sh chain                  # the 1+1+3 chain alone (make chain)
@@ -80,7 +81,7 @@ embedded() { CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model embedded --model
   --out "$KEEP/bench" "$@"; }
 
 bench_train() {  # the embedded model: adl-llm against TRL (with and without Liger and checkpointing) and the seed
-  embedded --only train --train-steps 40 --baseline-steps 12 --ablations no_liger,compile 2>&1 | log bench-embedded-train
+  embedded --only train --train-steps 40 --baseline-steps 12 --ablations ${ABLATIONS:-no_liger,compile,compile_cudagraphs} 2>&1 | log bench-embedded-train
   tail -n 40 "$KEEP/bench-embedded-train.log"
 }
 
@@ -212,29 +213,40 @@ decode() {
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 
-profile_decode() {  # where a decoding step of the embedded model spends its time, on each path (PATHS), decoding
-  # DECODE (default greedy; report: the report's sampling) with BEAMS beams
-  local name=profile-decode-${DECODE:-greedy}-b${BEAMS:-1}
-  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_decode --model-path "$ADL_LLM_CACHE/models/gemma3-270m" \
-    --adapter "${ADAPTER:-/tmp/stage/adapter}" --gen "${DECODE:-greedy}" --beams "${BEAMS:-1}" \
+profile_decode() {  # where a decoding step spends its time, on each path (PATHS), decoding DECODE (default greedy;
+  # report: the report's sampling) with BEAMS beams; the embedded model with the chain's adapter, or MODEL with ADAPTER
+  local name=profile-decode-${DECODE:-greedy}-b${BEAMS:-1}${MODEL:+-$(basename "$MODEL")}
+  CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_decode --model-path "${MODEL:-$ADL_LLM_CACHE/models/gemma3-270m}" \
+    --adapter "${ADAPTER:-/tmp/stage/adapter}" --gen "${DECODE:-greedy}" --beams "${BEAMS:-1}" --prompts "${PROMPTS:-250}" \
     --paths "${PATHS:-plain,default,compiled}" --new-tokens "${NEW_TOKENS:-32}" ${STOPS:+--stops} --out "$KEEP/$name" 2>&1 | log "$name"
   grep -h "^==\|a step" "$KEEP/$name/profile-decode.txt" || tail -n 20 "$KEEP/$name.log"
 }
 
-decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams 5 with the report's sampling
+adapter7b() {  # an adapter of one training step on the 7B shape, for its decoding
   llama7b
   test -d "$KEEP/adapter7b/adapter" || CUDA_VISIBLE_DEVICES=$GPU $PY -m adl_llm.run "${DDP7B[@]}" train.max_steps=1 \
     data.n_train=16 data.n_eval=4 hydra.run.dir="$KEEP/adapter7b" > "$KEEP/adapter7b.log" 2>&1 || tail -n 20 "$KEEP/adapter7b.log"
+}
+
+decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams 5 with the report's sampling
+  adapter7b
   local a=(task=generate model.name_or_path=/tmp/llama7b adapter="$KEEP/adapter7b/adapter" data.n_eval="${N7B:-50}" gen.beams=5)
   KEEP=$KEEP/d7 decode_run beams5-fast "${a[@]}" gen.compile=true
+  KEEP=$KEEP/d7 decode_run beams5-fast-bnb "${a[@]}" gen.compile=true gen.nf4_graph=false
   KEEP=$KEEP/d7 decode_run beams5-plain "${a[@]}" "${PLAIN[@]}"
   $PY -m bench.decode_table "$KEEP/d7/decode" | tee "$KEEP/decode7b.md"
+}
+
+profile_decode7b() {  # the 7B shape's decoding step at beams 5 with the report's sampling, plain and compiled
+  adapter7b
+  MODEL=/tmp/llama7b ADAPTER=$KEEP/adapter7b/adapter DECODE=report BEAMS=5 PROMPTS=${PROMPTS:-2} \
+    PATHS=${PATHS:-plain,compiled,compiled_bnb} profile_decode
 }
 
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop
   llama7b
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train \
-    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations "${ABLATIONS7B:-budget40,compile,compile_autocast,compile_budget40}" --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
+    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations "${ABLATIONS7B:-budget40,compile,compile_autocast,compile_budget40,compile_cudagraphs_budget40}" --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
     --out "$KEEP/bench" 2>&1 \
     | log bench-llama7b-train
   tail -n 30 "$KEEP/bench-llama7b-train.log"

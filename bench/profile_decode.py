@@ -37,6 +37,7 @@ PATHS = {
     "compiled": {"compile": True},
     "warpers": {"fused_sampling": False},  # the default path with transformers' sampling warpers
     "compiled_warpers": {"compile": True, "fused_sampling": False},
+    "compiled_bnb": {"compile": True, "nf4_graph": False},  # NF4 weights through bitsandbytes' operator, compiled
 }
 
 

@@ -53,6 +53,12 @@ ABLATIONS = {
     "no_liger": ("model.liger=false",),  # transformers' own RMSNorm, MLP and RoPE kernels
     "compile": ("train.compile=true",),  # each decoder layer compiled (opt-in)
     "compile_budget40": ("train.compile=true", "train.memory_budget_gb=40"),
+    "compile_cudagraphs": ("train.compile=true", "train.compile_mode=reduce-overhead"),  # checkpointed passes: none
+    "compile_cudagraphs_budget40": (
+        "train.compile=true",
+        "train.compile_mode=reduce-overhead",
+        "train.memory_budget_gb=40",
+    ),
     "autocast": ("train.autocast=true",),  # LoRA's products in bf16 (opt-in)
     "compile_autocast": ("train.compile=true", "train.autocast=true"),
 }

@@ -34,6 +34,32 @@ def test_layers_are_compiled_within_and_eager_after(tiny_model_dir, caplog):
     assert "no repeated decoder layers" in caplog.text
 
 
+def test_checkpointed_calls_of_a_cuda_graph_mode_run_a_compile_without_graphs(tiny_model_dir, monkeypatch):
+    """A CUDA graph's outputs are overwritten by its next replay, before the backward pass recomputes a checkpointed
+    layer from them: those calls take the layer compiled in mode default, the others the graphed one."""
+    modes = []
+
+    def recording_compile(fn, mode=None, **kwargs):
+        return lambda *args, **kw: modes.append(mode) or fn(*args, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with compiled_layers(model, True, "reduce-overhead"):
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert modes == ["reduce-overhead"] * model.config.num_hidden_layers
+        modes.clear()
+        set_gradient_checkpointing(model, True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert modes and set(modes) == {None}  # the forward and its recompute
+    modes.clear()
+    with compiled_layers(model, True, "max-autotune-no-cudagraphs"):
+        set_gradient_checkpointing(model, True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert modes and set(modes) == {"max-autotune-no-cudagraphs"}  # no graphs: one compile serves both
+
+
 def _compile_failure() -> torch._dynamo.exc.TorchDynamoException:
     """What inductor raises: its first line says nothing; the backend's own error is the inner exception."""
     failed = torch._dynamo.exc.TorchDynamoException("backend='inductor' raised:\nAssertionError: ...")

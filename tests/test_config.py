@@ -69,6 +69,7 @@ def test_defaults_are_the_seed_reports_settings():
         ("prompt.n_shots=-1", "prompt.n_shots"),
         ("prompt.query_template=no-placeholder", "prompt.query_template"),
         ("export.dtype=auto", "export.dtype"),
+        ("train.compile_mode=fast", "train.compile_mode"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, key):

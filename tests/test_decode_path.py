@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adl_llm import decode_path
+from adl_llm import decode_path, nf4_graph
 from adl_llm.config import DType, GenConfig, ModelConfig, Quant
 from adl_llm.decoding import encode_prompts, generate_from_ids
 from adl_llm.modeling import load_model
@@ -227,6 +227,27 @@ def test_a_compiled_job_compiles_its_step_once_whatever_it_decodes(tiny, archite
         assert given_positions and all(given_positions)
         counts.append(count)
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_compiled_step_dequantises_nf4_weights_in_its_graph(tiny_model_dir, tiny, beams, monkeypatch):
+    """Where the base stays NF4, the compiled step holds its weights' dequantising (nf4_graph.py): the plain path's
+    text, bitsandbytes' own layers again after the job, and with gen.nf4_graph=false bitsandbytes' operator."""
+    _, tokenizer, encoded = tiny
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.float32))
+    traced = []
+    real_weight = nf4_graph.nf4_weight
+    monkeypatch.setattr(nf4_graph, "nf4_weight", lambda *args: traced.append(1) or real_weight(*args))
+    gen = _gen(beams=beams, batch_size=4, max_new_tokens=6, stop_strings=[])
+    plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
+    assert not traced
+    texts, stats, _, _ = _compiles(model, tokenizer, encoded, gen, monkeypatch)
+    assert texts == plain and stats["path"] == "static_cache+compile+nf4_graph" and traced
+    assert all(type(layer).__name__ == "Linear4bit" for layer in nf4_layers(model))
+    monkeypatch.setattr(nf4_graph, "nf4_weight", lambda *args: traced.append(1) or real_weight(*args))
+    traced.clear()
+    texts, stats, _, _ = _compiles(model, tokenizer, encoded, dataclasses.replace(gen, nf4_graph=False), monkeypatch)
+    assert texts == plain and stats["path"] == "static_cache+compile" and not traced
 
 
 def _count_graphs_across_jobs(monkeypatch) -> list:

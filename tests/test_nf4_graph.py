@@ -56,13 +56,30 @@ def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model
     changed = nf4_graph.to_graph([nf4_model])
     try:
         assert layer in changed and len(changed) == len(nf4_layers(nf4_model))
-        out = layer(x)
+        out = torch.compile(layer, backend="eager")(x)  # traced: the torch operations run, not bitsandbytes
         (grad,) = torch.autograd.grad(out.square().sum(), x)
     finally:
         nf4_graph.restore(changed)
     assert torch.allclose(out, expected, atol=1e-6, rtol=1e-5)
     assert torch.allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
     assert type(layer).__name__ == "Linear4bit" and "nf4_absmax" not in layer._buffers  # bitsandbytes' layer again
+
+
+def test_an_eager_call_takes_bitsandbytes_own_kernel(nf4_model, monkeypatch):
+    """Outside a graph (a decoding job's prompt pass) the unfused torch operations would be slow and large."""
+    layer = nf4_layers(nf4_model)[0]
+    x = torch.randn(2, layer.in_features)
+    expected = layer(x)
+    changed = nf4_graph.to_graph([nf4_model])
+    traced = []
+    real_weight = nf4_graph.nf4_weight
+    monkeypatch.setattr(nf4_graph, "nf4_weight", lambda *args: traced.append(1) or real_weight(*args))
+    try:
+        assert torch.equal(layer(x), expected) and not traced
+        torch.compile(layer, backend="eager")(x)
+        assert traced
+    finally:
+        nf4_graph.restore(changed)
 
 
 def test_dequantised_layers_are_left_as_they_are(nf4_model):
