@@ -187,9 +187,9 @@ sweep_gpus() {
 }
 
 # Decoding (issue 19): the chain's adapter (ADAPTER, default the one staged with the model) on the 250 public-test
-# prompts, each setting with every piece of the fast path (gen.compile=true), on the plain path
-# (gen.dequantize/static_cache/compile=false) and on the default one, one command a folder with its wall time;
-# greedy also with each piece alone.
+# prompts, each setting with every piece of the fast path (gen.compile=true) and on the plain path
+# (gen.dequantize/static_cache/compile=false), one command a folder with its wall time; with PIECES=1 also the
+# default path, and greedy with each piece alone.
 PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false gen.fused_sampling=false)
 decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
   local name=$1 started
@@ -204,12 +204,14 @@ decode() {
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
   decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
-  decode_run sampling-default -m "${a[@]}" gen.beams=1,3,5  # a GPU's default path: the weights dequantised
   decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
   decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
-  decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path
-  decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
-  decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
+  if [ -n "${PIECES:-}" ]; then  # each piece alone (PIECES=1)
+    decode_run sampling-default -m "${a[@]}" gen.beams=1,3,5  # a GPU's default path: the weights dequantised
+    decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path
+    decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
+    decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
+  fi
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 
