@@ -35,6 +35,14 @@ from adl_llm.errors import first_line
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
+# Variants of the layer code torch.compile keeps before it runs new ones eagerly (its default, 8, is shared by every
+# job of a process: on an H200 a bench's third compiled run, or a sweep's third job, trained eagerly).
+RECOMPILE_LIMIT = 64
+
+
+def training_compiles(setting: bool | None, device: torch.device) -> bool:
+    """train.compile as asked; null: on a GPU only (conf/train/default.yaml says why)."""
+    return setting if setting is not None else device.type == "cuda"
 
 
 def compile_failure(err: Exception) -> str:
@@ -164,16 +172,20 @@ def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[C
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)
     compiled = CompiledLayers(model, layers, [])
     dynamo_log = logging.getLogger("torch._dynamo.convert_frame")  # where torch warns of the recompile limit
-    dynamo_log.addHandler(compiled.limit)
-    try:
-        for layer in layers:
-            _compile(layer, mode)
-        compiled.nf4 = nf4_graph.to_graph(layers)
-        if layers:
-            name = type(layers[0]).__name__
-            in_graph = f", {len(compiled.nf4)} NF4 weights dequantised in the graph" if compiled.nf4 else ""
-            log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), name, in_graph)
-        yield compiled
-    finally:
-        dynamo_log.removeHandler(compiled.limit)
-        compiled.uncompile()
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before torch 2.6
+    limit = max(getattr(config, key), RECOMPILE_LIMIT if layers else 0)
+    with config.patch(**{key: limit}):
+        dynamo_log.addHandler(compiled.limit)
+        try:
+            for layer in layers:
+                _compile(layer, mode)
+            compiled.nf4 = nf4_graph.to_graph(layers)
+            if layers:
+                name = type(layers[0]).__name__
+                in_graph = f", {len(compiled.nf4)} NF4 weights dequantised in the graph" if compiled.nf4 else ""
+                log.info("train.compile: %d decoder layers of %s compiled%s", len(layers), name, in_graph)
+            yield compiled
+        finally:
+            dynamo_log.removeHandler(compiled.limit)
+            compiled.uncompile()

@@ -14,8 +14,10 @@ micro-batches to pay for recomputing the forward.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,15 +42,21 @@ class MicroBatchPlan:
     tokens: int  # padded tokens per micro-batch (0 with a fixed cut, which counts examples instead)
     multiple: int  # micro-batch widths are rounded up to this
     gradient_checkpointing: bool
+    # What a pass costs beyond its tokens, in padded tokens (measured on a GPU): a step is cut into more micro-batches
+    # where that saves more padding; inf: as few micro-batches as fit
+    pass_tokens: float = math.inf
 
 
 def split_step(
-    batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1
+    batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1, pass_tokens: float = math.inf
 ) -> list[list[Encoded]]:
-    """The micro-batches of one process's share of a step."""
+    """The micro-batches of one process's share of a step: of `micro_batch_tokens` padded tokens at most, as few as
+    fit, or, with a finite `pass_tokens`, those whose padded tokens plus `pass_tokens` a pass sum to the least."""
     fixed = tc.examples_per_micro_batch(world_size())
     if fixed:
         return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
+    if math.isfinite(pass_tokens):
+        return _least_padding(batch, micro_batch_tokens, multiple, pass_tokens)
     micro_batches: list[list[Encoded]] = []
     for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
         # Longest first, so a micro-batch's padded size is its first example's padded length times its size.
@@ -58,6 +66,28 @@ def split_step(
         else:
             micro_batches.append([ex])
     return micro_batches
+
+
+def _least_padding(
+    batch: Sequence[Encoded], micro_batch_tokens: int, multiple: int, pass_tokens: float
+) -> list[list[Encoded]]:
+    """The cut of the longest-first examples into runs that costs least: each run padded to its first example's
+    width, plus `pass_tokens` a run, within `micro_batch_tokens` (an example longer than that alone)."""
+    examples = sorted(batch, key=lambda ex: -len(ex.input_ids))
+    best = [0.0] + [math.inf] * len(examples)  # best[j]: the least cost of the first j examples
+    start = [0] * (len(examples) + 1)  # where the last run of that cut starts
+    for j in range(1, len(examples) + 1):
+        for i in range(j - 1, -1, -1):
+            padded = padded_width(len(examples[i].input_ids), multiple) * (j - i)
+            if padded > micro_batch_tokens and i < j - 1:
+                break  # longer runs starting earlier only grow
+            if best[i] + padded + pass_tokens < best[j]:
+                best[j], start[j] = best[i] + padded + pass_tokens, i
+    runs, j = [], len(examples)
+    while j:
+        runs.append(examples[start[j] : j])
+        j = start[j]
+    return runs[::-1]
 
 
 def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> MicroBatchPlan:
@@ -88,12 +118,14 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        return MicroBatchPlan(max(plain or 0, length), multiple, False)
+        plan = MicroBatchPlan(max(plain or 0, length), multiple, False)
+        return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            return MicroBatchPlan(max(plain, length), multiple, False)
+            plan = MicroBatchPlan(max(plain, length), multiple, False)
+            return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -101,7 +133,57 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
-    return MicroBatchPlan(max(checkpointed, length), multiple, True)
+    plan = MicroBatchPlan(max(checkpointed, length), multiple, True)
+    return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
+
+
+def _with_pass_tokens(model, plan: MicroBatchPlan, longest: Encoded, share: int, pad_id: int, device) -> MicroBatchPlan:
+    """`plan` with what a pass costs beyond its tokens, from the times of two passes of copies of the longest example
+    (as many as a micro-batch of a step's share holds, and half as many), each timed after a first run. Where the
+    passes wait on the host (a small model's launches) the larger costs no more than the smaller: inf."""
+    length = padded_width(len(longest.input_ids), plan.multiple)
+    large = min(share, plan.tokens // length)
+    small = large // 2
+    if small < 1:
+        return plan
+    was_on = gradient_checkpointing_on(model)
+    set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    try:
+        small_s, large_s = (_pass_seconds(model, [longest] * n, pad_id, device, plan.multiple) for n in (small, large))
+    finally:
+        set_gradient_checkpointing(model, was_on)
+    per_token = (large_s - small_s) / ((large - small) * length)
+    if per_token <= 0:
+        log.info(
+            "a pass takes as long at %d padded tokens as at %d: as few micro-batches as fit",
+            large * length,
+            small * length,
+        )
+        return plan
+    pass_tokens = max(small_s - per_token * small * length, 0.0) / per_token
+    log.info(
+        "a pass costs as much as %.0f padded tokens besides its own (%.1f ms at %d tokens, %.1f ms at %d): each step "
+        "cut into the micro-batches that cost least with their padding",
+        pass_tokens,
+        1000 * small_s,
+        small * length,
+        1000 * large_s,
+        large * length,
+    )
+    return dataclasses.replace(plan, pass_tokens=pass_tokens)
+
+
+def _pass_seconds(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int) -> float:
+    """The shorter of two timed forward/backward passes over `examples`, after a first one (a new shape may compile)."""
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        accumulate_gradients(model, [examples], 1, pad_id, device, multiple)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+        model.zero_grad(set_to_none=True)
+    return min(times[1:])
 
 
 def _measured_tokens(

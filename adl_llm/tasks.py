@@ -18,8 +18,10 @@ import torch
 
 from adl_llm.artifacts import write_json
 from adl_llm.checkpoint import check_resumable
+from adl_llm.compiled_layers import training_compiles
 from adl_llm.config import Config, ModelConfig, ResumeMode, TaskName
 from adl_llm.data import Record, load_records
+from adl_llm.devices import default_device
 from adl_llm.distributed import barrier, is_main, world_size
 from adl_llm.encode import encode_examples
 from adl_llm.errors import ModelError, RunFailed
@@ -163,7 +165,8 @@ def _train_then(cfg: Config, *, generate: bool) -> dict:
 
         before = lineage(init_dir)
         set_seed(cfg.seed)
-        model = _model(cfg, adapter=init_dir, trainable=True, compiled=cfg.train.compile)
+        compiled = training_compiles(cfg.train.compile, default_device())
+        model = _model(cfg, adapter=init_dir, trainable=True, compiled=compiled)
         if init_dir:
             log.info("stage starts from %s (%s epochs before)", init_dir, before.get("cumulative_epochs", "?"))
         else:

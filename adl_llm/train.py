@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
-from adl_llm.compiled_layers import compiled_layers
+from adl_llm.compiled_layers import compiled_layers, training_compiles
 from adl_llm.config import Config, ResumeMode, TrainConfig
 from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
 from adl_llm.encode import Encoded
@@ -64,7 +64,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
         with (
             autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
-            compiled_layers(model, tc.compile, tc.compile_mode) as compiled,
+            compiled_layers(model, training_compiles(tc.compile, device), tc.compile_mode) as compiled,
         ):
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device)
             plan = compiled.run(plan_passes)
@@ -84,7 +84,9 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
 
                 def step_gradients(batch=batch, n_scored=n_scored) -> tuple[float, int]:
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
-                    micro_batches = split_step(batch[rank() :: world_size()], tc, plan.tokens, plan.multiple)
+                    micro_batches = split_step(
+                        batch[rank() :: world_size()], tc, plan.tokens, plan.multiple, plan.pass_tokens
+                    )
                     return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)

@@ -89,7 +89,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None
     pad_to_multiple: int | None
     dequantize_base: bool | None
-    compile: bool
+    compile: bool | None
     compile_mode: str
     autocast: bool
     init_from: str | None

@@ -24,6 +24,8 @@ def train_framework(
     """`steps` optimiser steps of `adl_llm.train.train` from a fresh adapter, as `run_train` sets it up."""
     from transformers import set_seed
 
+    from adl_llm.compiled_layers import training_compiles
+    from adl_llm.devices import default_device
     from adl_llm.modeling import add_lora, attention_kernels, load_model
     from adl_llm.tasks import model_settings
     from adl_llm.train import train
@@ -38,7 +40,8 @@ def train_framework(
     )
     measure.reset_peak()
     set_seed(cfg.seed)
-    model = add_lora(load_model(model_settings(cfg, compiled=cfg.train.compile)), cfg.lora)
+    compiled = training_compiles(cfg.train.compile, default_device())
+    model = add_lora(load_model(model_settings(cfg, compiled=compiled)), cfg.lora)
     messages = _LogCollector("adl_llm")  # what adl-llm decided (pass sizes, checkpointing, the dequantised base)
     started = measure.now()
     try:

@@ -81,7 +81,7 @@ embedded() { CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model embedded --model
   --out "$KEEP/bench" "$@"; }
 
 bench_train() {  # the embedded model: adl-llm against TRL (with and without Liger and checkpointing) and the seed
-  embedded --only train --train-steps 40 --baseline-steps 12 --ablations ${ABLATIONS:-no_liger,compile,compile_cudagraphs} 2>&1 | log bench-embedded-train
+  embedded --only train --train-steps 40 --baseline-steps 12 --ablations ${ABLATIONS:-eager,cudagraphs} 2>&1 | log bench-embedded-train
   tail -n 40 "$KEEP/bench-embedded-train.log"
 }
 
@@ -248,7 +248,7 @@ profile_decode7b() {  # the 7B shape's decoding step at beams 5 with the report'
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop
   llama7b
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.run --model llama7b --model-path /tmp/llama7b --only train \
-    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations "${ABLATIONS7B:-budget40,compile,compile_autocast,compile_budget40,compile_cudagraphs_budget40}" --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
+    --train-steps "${STEPS7B:-16}" --warmup-steps "${WARMUP7B:-6}" --baseline-steps 0 --ablations "${ABLATIONS7B:-budget40,eager,eager_budget40,cudagraphs_budget40}" --peers "${PEERS7B:-trl_liger,trl_liger_checkpointing}" \
     --out "$KEEP/bench" 2>&1 \
     | log bench-llama7b-train
   tail -n 30 "$KEEP/bench-llama7b-train.log"

@@ -50,17 +50,13 @@ ABLATIONS = {
     "unbucketed": ("train.pad_to_multiple=1",),  # passes padded to their longest example only
     "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
     "budget40": ("train.memory_budget_gb=40",),  # memory to spare: a 7B's dequantised base, no checkpointing
-    "no_liger": ("model.liger=false",),  # transformers' own RMSNorm, MLP and RoPE kernels
-    "compile": ("train.compile=true",),  # each decoder layer compiled (opt-in)
-    "compile_budget40": ("train.compile=true", "train.memory_budget_gb=40"),
-    "compile_cudagraphs": ("train.compile=true", "train.compile_mode=reduce-overhead"),  # checkpointed passes: none
-    "compile_cudagraphs_budget40": (
-        "train.compile=true",
-        "train.compile_mode=reduce-overhead",
-        "train.memory_budget_gb=40",
-    ),
+    # The default compiles the decoder layers on a GPU; these are the eager path (with Liger's kernels) beside it.
+    "eager": ("train.compile=false",),
+    "eager_no_liger": ("train.compile=false", "model.liger=false"),  # transformers' own RMSNorm, MLP and RoPE
+    "eager_budget40": ("train.compile=false", "train.memory_budget_gb=40"),
+    "cudagraphs": ("train.compile_mode=reduce-overhead",),  # CUDA graphs over the passes it does not checkpoint
+    "cudagraphs_budget40": ("train.compile_mode=reduce-overhead", "train.memory_budget_gb=40"),
     "autocast": ("train.autocast=true",),  # LoRA's products in bf16 (opt-in)
-    "compile_autocast": ("train.compile=true", "train.autocast=true"),
 }
 PARTS = ("train", "ppl", "gen")
 

@@ -21,12 +21,24 @@ def test_the_decoder_layers_are_the_longest_list_of_one_class(tiny_model_dir):
     assert decoder_layers(torch.nn.Linear(2, 2)) == []
 
 
+def test_training_compiles_on_a_gpu_unless_told_otherwise():
+    from adl_llm.compiled_layers import training_compiles
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert compose_config().train.compile is None  # the default: decided by the device
+    assert training_compiles(None, gpu) and not training_compiles(None, cpu)
+    assert training_compiles(True, cpu) and not training_compiles(False, gpu)
+
+
 def test_layers_are_compiled_within_and_eager_after(tiny_model_dir, caplog):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with caplog.at_level(logging.INFO), compiled_layers(model, True) as compiled:
         assert compiled.count == 2 and all(layer._compiled_call_impl is not None for layer in model.model.layers)
+        # room for the variants of many jobs in one process (a sweep, the bench), not torch's 8 for all of them
+        assert torch._dynamo.config.recompile_limit >= 64
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert "2 decoder layers of LlamaDecoderLayer compiled" in caplog.text
+    assert torch._dynamo.config.recompile_limit == 8  # torch's own again (its default)
     with compiled_layers(model, False) as compiled:
         assert compiled.count == 0 and all(layer._compiled_call_impl is None for layer in model.model.layers)
     with caplog.at_level(logging.WARNING), compiled_layers(torch.nn.Linear(2, 2), True) as compiled:
