@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 CPU_BATCH_SIZE = 16  # prompts per batch on a CPU, where compute, not memory, limits...
 CPU_BATCH_TOKENS = 4096  # ...unless they are long: at most this many prompt and new tokens a batch
 # fp32 vocabulary rows per sequence while a token is chosen (bounds; docs/BENCHMARKS.md): search (greedy or beams)
-# holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies.
+# holds logits, log-probabilities and scored candidates; sampling adds probabilities and top-p's sorted copies,
+# which fused sampling (sampling.py) does not make: it needs the rows of search (on an H200 its beams-5 job peaked
+# at 3.43 GiB, with batches sized for the 10 copies, against the plain path's 6.23).
 LOGIT_COPIES = {"search": 6, "sampling": 10}
 SAFETY = 0.8  # of the estimated room: allocator fragmentation, workspace of the attention kernels
 WARMUP_NEW_TOKENS = 4  # a compiled step is traced on its first call, captured as a CUDA graph on a later one
@@ -51,11 +53,12 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:end].strip()
 
 
-def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
+def prompts_per_batch(model, gen: GenConfig, longest: int, fused_sampling: bool = False) -> int:
     """`gen.batch_size`, or the prompts whose sequences fit `gen.memory_budget_gb` next to the model.
 
     A sequence (one per beam) holds its KV cache for `longest + max_new_tokens` positions and, while a token is
-    chosen, a few fp32 rows of the vocabulary (LOGIT_COPIES): with Gemma's 262k tokens the latter dominate.
+    chosen, a few fp32 rows of the vocabulary (LOGIT_COPIES; fewer with `fused_sampling`): with Gemma's 262k
+    tokens the latter dominate.
     """
     device = next(model.parameters()).device
     if gen.batch_size:
@@ -66,7 +69,7 @@ def prompts_per_batch(model, gen: GenConfig, longest: int) -> int:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
-    copies = LOGIT_COPIES["sampling" if gen.do_sample else "search"]
+    copies = LOGIT_COPIES["sampling" if gen.do_sample and not fused_sampling else "search"]
     per_sequence = kv_per_token * (longest + gen.max_new_tokens) + copies * 4 * text.vocab_size
     room = gen.memory_budget_gb * GIB - torch.cuda.memory_allocated(device)
     return max(1, int(SAFETY * room / per_sequence) // gen.beams)
@@ -186,7 +189,9 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
         decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [cut_at_stop(text, gen.stop_strings) for text in decoded]
 
-    fixed = decode_path.fixed_batches(share, prompts_per_batch(model, gen, width)) if path.static_cache else None
+    fixed = None
+    if path.static_cache:  # one batch size for the job, so a static cache and a compiled step see one shape
+        fixed = decode_path.fixed_batches(share, prompts_per_batch(model, gen, width, path.fused_sampling))
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
         warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
@@ -199,7 +204,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
         if fixed:
             rows, real = fixed.pop(0)
         else:
-            rows = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]))]
+            rows = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]), path.fused_sampling)]
             real = len(rows)
         start += real
         texts.extend(run(rows)[:real])

@@ -4,10 +4,16 @@ A fixed cut (`train.micro_batch_size` or `train.grad_accum`) keeps the data orde
 automatic one sorts a step's examples by length and fills each micro-batch up to `train.micro_batch_tokens`
 padded tokens. Left null on a GPU, that size is measured: two passes of the longest example (once and twice) give
 the memory of a micro-batch as a fixed part plus a part per token, and the plan takes what fits in
-`train.memory_budget_gb` next to the weights, the gradients and the optimiser state. A pass costs mostly the CPU's
-issuing of its kernels (docs/BENCHMARKS.md), so fewer, larger micro-batches win; with
+`train.memory_budget_gb` next to the weights, the gradients and the optimiser state. With
 `train.gradient_checkpointing` null, checkpointing is measured too and chosen when a step then takes enough fewer
 micro-batches to pay for recomputing the forward.
+
+Padded to its longest example, a step of 16 of the report's examples is half padding (2.0 padded tokens a real
+one, Gemma's tokenizer, 64-column widths). Where a pass waits on the host (a small model's eager launches) fewer,
+larger micro-batches still win; where it waits on the card (a 7B's compiled layers) the padding costs more than a
+second pass. So the plan also times two passes on the GPU, as a fixed cost plus a cost a token, and each step is cut
+into the runs of its longest-first examples whose padded tokens plus that fixed cost sum to the least (about 1.4
+padded tokens a real one in two passes, where the fixed cost is small).
 
 `plan_micro_batches` leaves the model as it found it; `train()` applies the plan and logs it.
 """
@@ -45,6 +51,17 @@ class MicroBatchPlan:
     # What a pass costs beyond its tokens, in padded tokens (measured on a GPU): a step is cut into more micro-batches
     # where that saves more padding; inf: as few micro-batches as fit
     pass_tokens: float = math.inf
+
+
+def rank_share(batch: Sequence[Encoded], tc: TrainConfig) -> list[Encoded]:
+    """This process's examples of a step. Under data parallelism with the automatic cut, the step's examples dealt
+    longest first, so every rank's share has about the same longest example and padded work (a rank waits for the
+    slowest at the gradient sum); a fixed cut keeps the data order, as the report's loop did."""
+    if world_size() == 1:
+        return list(batch)
+    if tc.examples_per_micro_batch(world_size()):
+        return list(batch[rank() :: world_size()])
+    return sorted(batch, key=lambda ex: -len(ex.input_ids))[rank() :: world_size()]
 
 
 def split_step(
@@ -102,7 +119,7 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
     length = padded_width(len(longest.input_ids), multiple)
     # This process's share of the first steps of an epoch, as split_step will cut them.
     shares = [
-        [examples[i] for i in step[rank() :: world_size()]]
+        rank_share([examples[i] for i in step], tc)
         for step in epoch_batches(len(examples), tc.batch_size, 0, 0)[:PLANNED_STEPS]
     ]
 

@@ -25,12 +25,12 @@ from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.compiled_layers import compiled_layers, training_compiles
 from adl_llm.config import Config, ResumeMode, TrainConfig
-from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients, world_size
+from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients
 from adl_llm.encode import Encoded
 from adl_llm.errors import RunFailed
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
-from adl_llm.micro_batches import MicroBatchPlan, plan_micro_batches, split_step
+from adl_llm.micro_batches import MicroBatchPlan, plan_micro_batches, rank_share, split_step
 from adl_llm.modeling import set_gradient_checkpointing, weight_dtype
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.optim import make_optimizer, make_scheduler
@@ -84,9 +84,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
 
                 def step_gradients(batch=batch, n_scored=n_scored) -> tuple[float, int]:
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
-                    micro_batches = split_step(
-                        batch[rank() :: world_size()], tc, plan.tokens, plan.multiple, plan.pass_tokens
-                    )
+                    micro_batches = split_step(rank_share(batch, tc), tc, plan.tokens, plan.multiple, plan.pass_tokens)
                     return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)

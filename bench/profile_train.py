@@ -28,7 +28,7 @@ from adl_llm.distributed import barrier, init_from_env, rank, shutdown, sum_grad
 from adl_llm.encode import encode_examples
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import memory_limit
-from adl_llm.micro_batches import plan_micro_batches, split_step
+from adl_llm.micro_batches import plan_micro_batches, rank_share, split_step
 from adl_llm.modeling import (
     add_lora,
     attention_kernels,
@@ -78,9 +78,7 @@ def main(argv=None) -> None:
     defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
     plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
-    micro_batches = split_step(
-        examples[rank() :: world_size()], cfg.train, plan.tokens, plan.multiple, plan.pass_tokens
-    )
+    micro_batches = split_step(rank_share(examples, cfg.train), cfg.train, plan.tokens, plan.multiple, plan.pass_tokens)
 
     def one_pass() -> None:
         accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)

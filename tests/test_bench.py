@@ -50,8 +50,9 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
     for beams in (1, 3, 5):
         run = gen[f"beams{beams}"]
         assert len(run["framework"]["texts"]) == 4
-        # the fast path of a generate job, compiled (on a CPU too), its warm-up apart, the batched path's text
-        assert run["fast"]["path"] == "static_cache+compile" and run["fast"]["warmup_seconds"] > 0
+        # the fast path of a generate job, compiled (on a CPU too, the NF4 weights dequantised in its graph), its
+        # warm-up apart, the batched path's text
+        assert run["fast"]["path"] == "static_cache+compile+nf4_graph" and run["fast"]["warmup_seconds"] > 0
         assert run["fast"]["texts"] == run["framework"]["texts"] and run["fast"]["same_text_as_batched"] == 4
     text = report.render(report.load([tmp_path]))
     assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text

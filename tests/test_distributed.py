@@ -51,6 +51,28 @@ def test_split_of_a_step_is_solved_for_the_world_size():
     assert TrainConfig(batch_size=16).examples_per_micro_batch(4) is None  # automatic: by length, within a token budget
 
 
+def test_a_steps_examples_are_dealt_to_the_ranks_longest_first(monkeypatch):
+    """Each rank's share has about the same longest example (the ranks wait for the slowest at the gradient sum);
+    together the shares are the step; one process, or a fixed cut, keeps the data order."""
+    from adl_llm import micro_batches
+    from adl_llm.encode import Encoded
+    from tests.conftest import compose_config
+
+    batch = [Encoded([1] * n, [1] * n, False) for n in (5, 40, 12, 38, 7, 3, 25, 41)]
+    auto = compose_config().train
+    assert micro_batches.rank_share(batch, auto) == batch
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(micro_batches, "world_size", lambda: 2)
+        monkeypatch.setattr(micro_batches, "rank", lambda rank=rank: rank)
+        shares[rank] = micro_batches.rank_share(batch, auto)
+        fixed = micro_batches.rank_share(batch, compose_config("train.micro_batch_size=2").train)
+        assert fixed == batch[rank::2]
+    assert sorted(map(id, shares[0] + shares[1])) == sorted(map(id, batch))
+    assert [len(ex.input_ids) for ex in shares[0]] == [41, 38, 12, 5]
+    assert [len(ex.input_ids) for ex in shares[1]] == [40, 25, 7, 3]
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "local_parallel"])
 def test_cluster_launchers_compose_without_a_cluster(launcher):
     result = run_entrypoint(f"hydra/launcher={launcher}", "--cfg", "hydra", "-p", "hydra.launcher._target_")

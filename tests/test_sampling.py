@@ -111,3 +111,24 @@ def test_it_applies_only_when_sampling_with_a_top_k(tiny):
         with decode_path.fast_path(model, gen) as path:
             assert path.fused_sampling == expected
     assert not decode_path.PLAIN.fused_sampling
+
+
+def test_fused_sampling_fits_more_prompts_a_batch_on_a_gpu(monkeypatch):
+    """Without top-p's sorted copies of every row, sampling needs the vocabulary rows of search, so a batch holds
+    more prompts within gen.memory_budget_gb (no GPU here: the device and its allocated memory are stubbed)."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3TextConfig
+
+    from adl_llm.decoding import prompts_per_batch
+
+    config = Gemma3TextConfig(num_hidden_layers=18, num_key_value_heads=1, head_dim=256, vocab_size=262_144)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    model = SimpleNamespace(config=config, dtype=torch.bfloat16, parameters=lambda: iter([on_gpu]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**29)  # the model's half GiB
+    sampling = GenConfig(beams=5, do_sample=True, top_k=10, max_new_tokens=128)
+    search = dataclasses.replace(sampling, do_sample=False)
+    plain = prompts_per_batch(model, sampling, 192)
+    fused = prompts_per_batch(model, sampling, 192, fused_sampling=True)
+    assert plain < fused == prompts_per_batch(model, search, 192)
+    assert prompts_per_batch(model, search, 192, fused_sampling=True) == fused  # search has no sampling to fuse
