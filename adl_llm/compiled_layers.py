@@ -14,7 +14,9 @@ CPU tests show the same losses as the eager path. Inductor draws dropout's rando
 compile, the run warns with the backend's error and trains on the eager layers, the failed step redone whole.
 
 Gradient checkpointing stays outside the compiled graph: the checkpoint wraps the compiled layer, so the recompute
-in the backward pass runs the same compiled forward again. transformers (5.x) checkpoints inside a layer's
+in the backward pass runs the same compiled forward again (in a mode that captures CUDA graphs, `train.compile_mode`,
+checkpointed calls take the layer compiled without them: a graph's outputs are overwritten by its next replay,
+before the recompute reads them). transformers (5.x) checkpoints inside a layer's
 `forward`, which would put the checkpoint inside the graph, and that failed on an H200 with the 7B shape in NF4
 (inductor's partitioner: "AssertionError: Node add_380 was invalid, but is output") where the same layer without
 checkpointing compiled and ran.
@@ -35,7 +37,8 @@ from adl_llm.errors import first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
+# torch.compile's modes that capture CUDA graphs, and the mode of a checkpointed call under each (no graphs)
+CUDA_GRAPH_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
 # Variants of the layer code torch.compile keeps before it runs new ones eagerly (its default, 8, is shared by every
 # job of a process: on an H200 a bench's third compiled run, or a sweep's third job, trained eagerly).
 RECOMPILE_LIMIT = 64
@@ -96,7 +99,9 @@ def _compile(layer, mode: str | None) -> None:
         return
     compiled = torch.compile(layer._call_impl, mode=mode)
     # compiled on first use only: a run that never checkpoints never compiles it
-    recomputable = torch.compile(layer._call_impl) if mode in CUDA_GRAPH_MODES else compiled
+    recomputable = (
+        torch.compile(layer._call_impl, mode=CUDA_GRAPH_MODES[mode]) if mode in CUDA_GRAPH_MODES else compiled
+    )
     layer._compiled_call_impl = functools.partial(_call, layer, compiled, recomputable)
 
 
@@ -109,7 +114,8 @@ class _RecompileLimit(logging.Handler):
         self.hit = self.said = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.hit = self.hit or "recompile_limit" in record.getMessage()
+        message = record.getMessage()  # the limit's name since torch 2.6, and before
+        self.hit = self.hit or "recompile_limit" in message or "cache_size_limit" in message
 
 
 class CompiledLayers:
@@ -167,7 +173,7 @@ class CompiledLayers:
 def compiled_layers(model, enabled: bool, mode: str | None = None) -> Iterator[CompiledLayers]:
     """Within: every decoder layer of `model` runs compiled when `enabled` (work run through the yielded object's
     `run` falls back to the eager layers if a compile fails); after: the eager layers, for evaluation and generation.
-    `mode`: torch.compile's (bench/profile_train.py tries others than the default)."""
+    `mode`: torch.compile's (`train.compile_mode`)."""
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log.warning("train.compile: no repeated decoder layers found in %s; training uncompiled", type(model).__name__)

@@ -200,8 +200,9 @@ def compiled(model, path: DecodePath) -> Iterator[None]:
         base._adl_llm_compiled_forward = step
     own = base.__dict__.get("forward")  # an instance's own forward (a hook's), put back after
     base.forward = step
-    in_graph = nf4_graph.to_graph(decoder_layers(base)) if path.nf4_graph else []
+    in_graph: list = []
     try:
+        in_graph = nf4_graph.to_graph(decoder_layers(base)) if path.nf4_graph else []
         yield
     finally:
         nf4_graph.restore(in_graph)

@@ -91,15 +91,17 @@ def _least_padding(
     """The cut of the longest-first examples into runs that costs least: each run padded to its first example's
     width, plus `pass_tokens` a run, within `micro_batch_tokens` (an example longer than that alone)."""
     examples = sorted(batch, key=lambda ex: -len(ex.input_ids))
-    best = [0.0] + [math.inf] * len(examples)  # best[j]: the least cost of the first j examples
+    # best[j]: the least (cost, runs) of the first j examples: of two cuts that cost the same, the one of fewer runs
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(math.inf, 0)] * len(examples)
     start = [0] * (len(examples) + 1)  # where the last run of that cut starts
     for j in range(1, len(examples) + 1):
         for i in range(j - 1, -1, -1):
             padded = padded_width(len(examples[i].input_ids), multiple) * (j - i)
             if padded > micro_batch_tokens and i < j - 1:
                 break  # longer runs starting earlier only grow
-            if best[i] + padded + pass_tokens < best[j]:
-                best[j], start[j] = best[i] + padded + pass_tokens, i
+            candidate = (best[i][0] + padded + pass_tokens, best[i][1] + 1)
+            if candidate < best[j]:
+                best[j], start[j] = candidate, i
     runs, j = [], len(examples)
     while j:
         runs.append(examples[start[j] : j])
@@ -170,14 +172,17 @@ def _with_pass_tokens(model, plan: MicroBatchPlan, longest: Encoded, share: int,
     finally:
         set_gradient_checkpointing(model, was_on)
     per_token = (large_s - small_s) / ((large - small) * length)
-    if per_token <= 0:
+    fixed = small_s - per_token * small * length
+    if per_token <= 0 or fixed <= 0:  # waiting on the host; or timings too noisy to say what a pass costs
         log.info(
-            "a pass takes as long at %d padded tokens as at %d: as few micro-batches as fit",
-            large * length,
+            "passes of %d and %d padded tokens took %.1f and %.1f ms: as few micro-batches as fit",
             small * length,
+            large * length,
+            1000 * small_s,
+            1000 * large_s,
         )
         return plan
-    pass_tokens = max(small_s - per_token * small * length, 0.0) / per_token
+    pass_tokens = fixed / per_token
     log.info(
         "a pass costs as much as %.0f padded tokens besides its own (%.1f ms at %d tokens, %.1f ms at %d): each step "
         "cut into the micro-batches that cost least with their padding",

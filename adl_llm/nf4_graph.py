@@ -51,11 +51,18 @@ class _NF4Linear(torch.autograd.Function):
         return grad @ weight, None, None, None, None, None, None, None
 
 
+def _eager_kernel(x: torch.Tensor) -> bool:
+    """Whether a call takes bitsandbytes' own kernel: an eager call on a GPU (a decoding job's prompt pass, which
+    stays uncompiled), where the unfused torch operations would launch several kernels and hold int64 codes the size
+    of the weight. Not on a CPU: there bitsandbytes repacks an NF4 weight for its inference kernel on such a call (on
+    CPUs with AVX512-BF16), which the state this layer holds in the graph would no longer describe."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Linear4bit.forward (compute dtype in, the input's dtype out) with the weight dequantised in the graph; an
-    eager call (a decoding job's prompt pass, which stays uncompiled) takes bitsandbytes' own kernel: unfused, the
-    torch operations would launch several kernels and hold int64 codes the size of the weight."""
-    if not torch.compiler.is_compiling():
+    """Linear4bit.forward (compute dtype in, the input's dtype out) with the weight dequantised in torch operations
+    (bitsandbytes' kernel for an eager call on a GPU: _eager_kernel)."""
+    if _eager_kernel(x):
         return type(self).__bases__[0].forward(self, x)
     dtype = self.compute_dtype
     state = [getattr(self, name) for name in _STATE]

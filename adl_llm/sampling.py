@@ -18,6 +18,9 @@ import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 TIE_MARGIN = 2  # candidates looked at: this many times k, so ties at the k-th score are kept as top-k keeps them
+# Rows the fallback to transformers' warpers takes at a time: their sort of whole rows makes copies a row that the
+# fused path does not, and a batch is sized for the fused path's memory (decoding.prompts_per_batch).
+FALLBACK_ROWS = 64
 
 
 class TopKTopPSampling(LogitsProcessor):
@@ -60,6 +63,12 @@ class TopKTopPSampling(LogitsProcessor):
         return out.scatter_(-1, indices, candidates.masked_fill(dropped, -float("inf")))
 
     def _warpers(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        return scores
+        """transformers' warpers, FALLBACK_ROWS rows at a time (each warper works row by row)."""
+        out = torch.empty_like(scores)
+        for start in range(0, scores.shape[0], FALLBACK_ROWS):
+            rows = slice(start, start + FALLBACK_ROWS)
+            warped = scores[rows]
+            for warper in self.warpers:
+                warped = warper(None if input_ids is None else input_ids[rows], warped)
+            out[rows] = warped
+        return out

@@ -50,7 +50,11 @@ def main(argv=None) -> None:
     parser.add_argument("--passes", type=int, default=5, help="profiled steps, after as many warm-up steps")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables (and the trace)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (tens of MB)")
-    parser.add_argument("--compile", action="store_true", help="the decoder layers compiled (train.compile=true)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the decoder layers compiled, as a GPU training run has them by default (train.compile); else eager",
+    )
     parser.add_argument(
         "--compile-mode", help="torch.compile's mode for them (e.g. reduce-overhead: CUDA graphs); an experiment"
     )

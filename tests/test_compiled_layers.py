@@ -66,6 +66,11 @@ def test_checkpointed_calls_of_a_cuda_graph_mode_run_a_compile_without_graphs(ti
         model(input_ids=ids, labels=ids).loss.backward()
         assert modes and set(modes) == {None}  # the forward and its recompute
     modes.clear()
+    with compiled_layers(model, True, "max-autotune"):  # its autotuning kept for the checkpointed calls
+        set_gradient_checkpointing(model, True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert modes and set(modes) == {"max-autotune-no-cudagraphs"}
+    modes.clear()
     with compiled_layers(model, True, "max-autotune-no-cudagraphs"):
         set_gradient_checkpointing(model, True)
         model(input_ids=ids, labels=ids).loss.backward()

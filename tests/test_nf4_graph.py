@@ -65,8 +65,9 @@ def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model
     assert type(layer).__name__ == "Linear4bit" and "nf4_absmax" not in layer._buffers  # bitsandbytes' layer again
 
 
-def test_an_eager_call_takes_bitsandbytes_own_kernel(nf4_model, monkeypatch):
-    """Outside a graph (a decoding job's prompt pass) the unfused torch operations would be slow and large."""
+def test_an_eager_call_on_a_gpu_takes_bitsandbytes_own_kernel(nf4_model, monkeypatch):
+    """Outside a graph on a GPU (a decoding job's prompt pass) the unfused torch operations would be slow and large;
+    on a CPU they run (bitsandbytes' CPU kernel repacks the weight the graph's state describes), with its values."""
     layer = nf4_layers(nf4_model)[0]
     x = torch.randn(2, layer.in_features)
     expected = layer(x)
@@ -75,6 +76,9 @@ def test_an_eager_call_takes_bitsandbytes_own_kernel(nf4_model, monkeypatch):
     real_weight = nf4_graph.nf4_weight
     monkeypatch.setattr(nf4_graph, "nf4_weight", lambda *args: traced.append(1) or real_weight(*args))
     try:
+        assert torch.allclose(layer(x), expected, atol=1e-6, rtol=1e-5) and traced  # a CPU: the torch operations
+        traced.clear()
+        monkeypatch.setattr(nf4_graph, "_eager_kernel", lambda x: not torch.compiler.is_compiling())  # as on a GPU
         assert torch.equal(layer(x), expected) and not traced
         torch.compile(layer, backend="eager")(x)
         assert traced

@@ -65,6 +65,18 @@ def test_ties_past_the_margin_and_masked_rows_take_the_warpers(stable_sort):
     assert torch.isfinite(fused(None, flat)[0]).sum() == 90  # top-k kept all 100 ties; top-p, 90 of 0.01 each
 
 
+def test_the_fallback_warps_a_few_rows_at_a_time_as_transformers_warps_them_all(stable_sort):
+    """Bounded memory (a batch is sized for the fused path), the same scores as the three warpers on every row."""
+    from adl_llm.sampling import FALLBACK_ROWS
+
+    fused = TopKTopPSampling(1.2, 10, 0.9, 1)
+    scores = _scores(2 * FALLBACK_ROWS + 5, 500, seed=3, bf16=True)
+    expected = scores
+    for warper in fused.warpers:
+        expected = warper(None, expected)
+    assert torch.equal(fused._warpers(None, scores), expected)
+
+
 def test_a_small_vocabulary_is_taken_whole(stable_sort):
     fused = TopKTopPSampling(1.0, 8, 0.8, 2)
     scores = _scores(4, 10, seed=0, bf16=True)

@@ -271,6 +271,8 @@ def test_a_measured_pass_cost_cuts_a_step_where_padding_costs_more(pass_tokens):
     assert _cost(runs, 16, pass_tokens) == pytest.approx(cheapest)
     if pass_tokens == 1e9:
         assert len(runs) == len(split_step(batch, tc, 1000, 16))
+    same_width = [_stub(n) for n in (100, 100, 90, 90, 80, 80)]  # 128 columns each: no padding to save
+    assert len(split_step(same_width, tc, 1000, 64, pass_tokens)) == 1  # of cuts that cost the same, the fewest
 
 
 def test_the_pass_cost_is_measured_from_two_timed_passes(tiny_model_dir, monkeypatch):
@@ -292,6 +294,9 @@ def test_the_pass_cost_is_measured_from_two_timed_passes(tiny_model_dir, monkeyp
     assert measured.pass_tokens == pytest.approx(10_000) and sizes == [(8, True), (16, True)]
     assert not gradient_checkpointing_on(model)  # as it found it
     monkeypatch.setattr(micro_batches, "_pass_seconds", lambda *args: 0.05)
+    assert micro_batches._with_pass_tokens(model, plan, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
+    # more than twice the time for twice the tokens: no fixed cost to measure (noise), so no finer cut either
+    monkeypatch.setattr(micro_batches, "_pass_seconds", lambda model, examples, *args: 0.001 * len(examples) ** 2)
     assert micro_batches._with_pass_tokens(model, plan, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
     one = micro_batches.MicroBatchPlan(tokens=128, multiple=64, gradient_checkpointing=False)  # one copy a pass
     assert micro_batches._with_pass_tokens(model, one, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
