@@ -56,7 +56,7 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
         assert run["fast"]["texts"] == run["framework"]["texts"] and run["fast"]["same_text_as_batched"] == 4
     text = report.render(report.load([tmp_path]))
     assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text
-    assert "fast path ex/s" in text and "(static_cache+compile)" in text
+    assert "fast path ex/s" in text and "(static_cache+compile+nf4_graph)" in text
     assert "Training against the peer, TRL's SFTTrainer" in text and "| trl + liger |" in text
     capsys.readouterr()
 
