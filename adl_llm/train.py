@@ -60,11 +60,19 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     writer = _tensorboard(run_dir)
     bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step", mininterval=2, disable=not is_main())
     limit = memory_limit(tc.memory_budget_gb, device)
+    compiles = training_compiles(tc.compile, device)
+    if tc.compile_mode != "default" and not compiles:
+        log.warning(
+            "train.compile_mode=%s has no effect: the decoder layers are not compiled (train.compile=%s, on %s)",
+            tc.compile_mode,
+            "null" if tc.compile is None else str(tc.compile).lower(),
+            device.type,
+        )
     try:
         with (
             autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
-            compiled_layers(model, training_compiles(tc.compile, device), tc.compile_mode) as compiled,
+            compiled_layers(model, compiles, tc.compile_mode) as compiled,
         ):
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device)
             plan = compiled.run(plan_passes)

@@ -77,6 +77,19 @@ def test_checkpointed_calls_of_a_cuda_graph_mode_run_a_compile_without_graphs(ti
         assert modes and set(modes) == {"max-autotune-no-cudagraphs"}  # no graphs: one compile serves both
 
 
+def test_a_compile_mode_without_compiled_layers_is_said_to_do_nothing(tiny_model_dir, tmp_path, caplog):
+    overrides = ("task=train", "data.n_train=4", "train.batch_size=4", "train.max_steps=1", "train.save_every=0")
+    cfg = compose_config(
+        *tiny_overrides(tiny_model_dir, *overrides, "train.compile_mode=reduce-overhead"), output_dir=tmp_path
+    )
+    with caplog.at_level(logging.WARNING):
+        run_train(cfg)  # a CPU: train.compile null leaves the layers eager
+    assert (
+        "train.compile_mode=reduce-overhead has no effect" in caplog.text
+        and "train.compile=null, on cpu" in caplog.text
+    )
+
+
 def _compile_failure() -> torch._dynamo.exc.TorchDynamoException:
     """What inductor raises: its first line says nothing; the backend's own error is the inner exception."""
     failed = torch._dynamo.exc.TorchDynamoException("backend='inductor' raised:\nAssertionError: ...")
