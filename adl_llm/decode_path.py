@@ -120,15 +120,15 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
     # On a CPU the copy was no clear gain (docs/BENCHMARKS.md), so it is made only when asked, and from the weights
     # unpacked from bitsandbytes' CPU packing (a pipeline scores, which packs them, before it decodes).
     dequantize = gen.dequantize if gen.dequantize is not None else (None if on_gpu else False)
-    in_graph = compiled and gen.nf4_graph is not False
-    if (dequantize or in_graph) and not on_gpu:
+    graph_wanted = compiled and gen.nf4_graph is not False
+    if (dequantize or graph_wanted) and not on_gpu:
         restore_cpu_nf4_training_path(model)
     limit = memory_limit(gen.memory_budget_gb, base.device)
     with dequantized_base(model, enabled=dequantize, memory_limit=limit) as dequantized:
         if gen.dequantize and not dequantized:
             log.info("gen.dequantize: the model has no NF4 layers bitsandbytes runs as loaded; nothing dequantised")
         fused = gen.do_sample and gen.top_k > 0 and gen.fused_sampling is not False
-        in_graph = in_graph and any(nf4_graph.supported(layer) for layer in nf4_layers(model))
+        in_graph = graph_wanted and any(nf4_graph.supported(layer) for layer in nf4_layers(model))
         if gen.nf4_graph and not in_graph:
             log.info("gen.nf4_graph: no NF4 layers bitsandbytes runs (or no compiled step); nothing changed")
         path = DecodePath(dequantized, static, compiled, fused, in_graph)

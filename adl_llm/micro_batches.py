@@ -131,20 +131,21 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
             return math.inf
         return sum(len(split_step(share, tc, tokens, multiple)) for share in shares) / len(shares)
 
+    def timed(plan: MicroBatchPlan) -> MicroBatchPlan:
+        return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
+
     def measured(checkpointing: bool) -> int | None:
         return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing)
 
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        plan = MicroBatchPlan(max(plain or 0, length), multiple, False)
-        return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
+        return timed(MicroBatchPlan(max(plain or 0, length), multiple, False))
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            plan = MicroBatchPlan(max(plain, length), multiple, False)
-            return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
+            return timed(MicroBatchPlan(max(plain, length), multiple, False))
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -152,8 +153,7 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
-    plan = MicroBatchPlan(max(checkpointed, length), multiple, True)
-    return _with_pass_tokens(model, plan, longest, len(shares[0]), pad_id, device)
+    return timed(MicroBatchPlan(max(checkpointed, length), multiple, True))
 
 
 def _with_pass_tokens(model, plan: MicroBatchPlan, longest: Encoded, share: int, pad_id: int, device) -> MicroBatchPlan:

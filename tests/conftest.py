@@ -113,6 +113,18 @@ def compose_config(*overrides: str, output_dir: Path | str = "unused") -> Config
     return compose(*overrides, output_dir=output_dir)
 
 
+# Two optimiser steps of four of the test records, without dropout (whose masks differ between compared paths)
+# and with no checkpoint: the runs the tests compare two training paths on.
+TWO_STEPS = (
+    "task=train",
+    "data.n_train=8",
+    "train.batch_size=4",
+    "train.max_steps=2",
+    "lora.lora_dropout=0.0",
+    "train.save_every=0",
+)
+
+
 def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
     """Overrides that point the config at the tiny model and the test records."""
     return [

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from adl_llm.compiled_layers import compiled_layers, decoder_layers
 from adl_llm.modeling import set_gradient_checkpointing
 from adl_llm.tasks import run_train
-from tests.conftest import compose_config, tiny_overrides
+from tests.conftest import TWO_STEPS, compose_config, tiny_overrides
 
 
 def test_the_decoder_layers_are_the_longest_list_of_one_class(tiny_model_dir):
@@ -172,15 +172,7 @@ def test_compiled_training_gives_the_losses_of_the_eager_path(tiny_model_dir, tm
     """Without dropout (inductor draws its random numbers its own way); about a minute of compiling on 2 cores."""
     losses, compiled_steps = {}, {}
     for compile_layers in ("false", "true"):
-        overrides = (
-            "task=train",
-            "data.n_train=8",
-            "train.batch_size=4",
-            "train.max_steps=2",
-            "lora.lora_dropout=0.0",
-            "train.save_every=0",
-            f"train.compile={compile_layers}",
-        )
+        overrides = (*TWO_STEPS, f"train.compile={compile_layers}")
         cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / compile_layers)
         metrics = run_train(cfg)
         losses[compile_layers] = metrics["train/losses"]

@@ -14,7 +14,7 @@ from adl_llm.config import DType, ModelConfig, Quant
 from adl_llm.modeling import load_model
 from adl_llm.nf4 import dequantized_base, is_dequantized, nf4_layers
 from adl_llm.tasks import run_train
-from tests.conftest import compose_config, tiny_overrides
+from tests.conftest import TWO_STEPS, compose_config, tiny_overrides
 
 
 def _weight(state, packed, dtype):
@@ -112,15 +112,10 @@ def test_compiled_training_of_an_nf4_model_gives_the_losses_of_bitsandbytes(
     losses, compiled_steps = {}, {}
     for compile_layers in ("false", "true"):
         overrides = (
-            "task=train",
+            *TWO_STEPS,
             f"train.gradient_checkpointing={checkpointing}",
             "model.quant=nf4",
-            "data.n_train=8",
-            "train.batch_size=4",
-            "train.max_steps=2",
             "train.dequantize_base=false",
-            "lora.lora_dropout=0.0",
-            "train.save_every=0",
             f"train.compile={compile_layers}",
         )
         cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / compile_layers)

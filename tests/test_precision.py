@@ -13,7 +13,7 @@ from adl_llm.loss import accumulate_gradients
 from adl_llm.modeling import add_lora, load_model
 from adl_llm.precision import autocast_forward
 from adl_llm.tasks import run_train
-from tests.conftest import compose_config, tiny_overrides
+from tests.conftest import TWO_STEPS, compose_config, tiny_overrides
 
 CPU = torch.device("cpu")
 
@@ -64,16 +64,7 @@ def test_an_fp32_model_has_nothing_to_autocast(tiny_model_dir, caplog):
 def test_a_bf16_run_trains_under_autocast(tiny_model_dir, tmp_path, caplog):
     losses = {}
     for autocast in ("false", "true"):
-        overrides = (
-            "task=train",
-            "model.dtype=bfloat16",
-            "data.n_train=8",
-            "train.batch_size=4",
-            "train.max_steps=2",
-            "lora.lora_dropout=0.0",
-            "train.save_every=0",
-            f"train.autocast={autocast}",
-        )
+        overrides = (*TWO_STEPS, "model.dtype=bfloat16", f"train.autocast={autocast}")
         cfg = compose_config(*tiny_overrides(tiny_model_dir, *overrides), output_dir=tmp_path / autocast)
         with caplog.at_level(logging.INFO):
             losses[autocast] = run_train(cfg)["train/losses"]
