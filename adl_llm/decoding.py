@@ -27,7 +27,7 @@ from transformers import (
     StopStringCriteria,
 )
 
-from adl_llm import decode_path
+from adl_llm import decode_path, deferred_syncs
 from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
 from adl_llm.errors import UserError, first_line
@@ -169,16 +169,21 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
             path = dataclasses.replace(path, compile=False, nf4_graph=False)
             stats["path"] = path.describe()
     settings = generation_config(gen, tokenizer, fused_sampling=path.fused_sampling, **extra)
-    processors = sampling_processors(gen, path.fused_sampling)
+    processors = sampling_processors(gen, path.fused_sampling, defer_fallback=path.deferred_syncs)
+    sampler = next((p for p in processors if isinstance(p, TopKTopPSampling) and p.defer_fallback), None)
 
-    def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
-        ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
+    def attempt(ids: torch.Tensor, mask: torch.Tensor, settings: GenerationConfig) -> torch.Tensor:
         given = {}
         if cache is not None:
             cache.reset()
             given[decode_path.CACHE_KWARG] = cache
-        with decode_path.compiled(model, path):
-            out = model.generate(
+        if sampler is not None:
+            sampler.missed = None
+        with (
+            decode_path.compiled(model, path),
+            deferred_syncs.deferred(model, settings.max_new_tokens, enabled=path.deferred_syncs),
+        ):
+            return model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=settings,
@@ -186,6 +191,20 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
                 stopping_criteria=StoppingCriteriaList([stops(ids.shape[1])] if stops else []),
                 **given,
             )
+
+    def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
+        ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
+        drawn_from = deferred_syncs.random_state(device) if sampler is not None else None
+        out = attempt(ids, mask, settings)
+        if sampler is not None and sampler.missed_any():  # rare (sampling.TIE_MARGIN): the batch again, exactly
+            log.info("fused sampling: a row of this batch needed transformers' warpers; decoding it again with them")
+            stats["batches_decoded_again"] = stats.get("batches_decoded_again", 0) + 1
+            deferred_syncs.set_random_state(device, drawn_from)
+            sampler.defer_fallback = False
+            try:
+                out = attempt(ids, mask, settings)
+            finally:
+                sampler.defer_fallback = True
         decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [cut_at_stop(text, gen.stop_strings) for text in decoded]
 
@@ -194,7 +213,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
         fixed = decode_path.fixed_batches(share, prompts_per_batch(model, gen, width, path.fused_sampling))
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
-        warm = dataclasses.replace(gen, max_new_tokens=WARMUP_NEW_TOKENS)
+        warm = dataclasses.replace(gen, max_new_tokens=min(WARMUP_NEW_TOKENS, gen.max_new_tokens))  # the cache's
         run(fixed[0][0], generation_config(warm, tokenizer, fused_sampling=path.fused_sampling, **extra))
         stats["warmup_seconds"] += time.perf_counter() - started
     texts: list[str] = []
@@ -233,12 +252,12 @@ def generation_config(gen: GenConfig, tokenizer, *, fused_sampling: bool = False
     )
 
 
-def sampling_processors(gen: GenConfig, fused_sampling: bool) -> LogitsProcessorList:
+def sampling_processors(gen: GenConfig, fused_sampling: bool, defer_fallback: bool = False) -> LogitsProcessorList:
     """The fused sampling processor where it applies (generation_config then turns transformers' warpers off)."""
     if not fused_sampling:
         return LogitsProcessorList()
     keep = 2 if gen.beams > 1 else 1  # as generate sets min_tokens_to_keep: beam sampling keeps a non-EOS token
-    return LogitsProcessorList([TopKTopPSampling(gen.temperature, gen.top_k, gen.top_p, keep)])
+    return LogitsProcessorList([TopKTopPSampling(gen.temperature, gen.top_k, gen.top_p, keep, defer_fallback)])
 
 
 _STOP_TABLES: dict[tuple, StopStringCriteria] = {}  # built once per process and tokenizer (stop_criterion)

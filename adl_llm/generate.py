@@ -54,6 +54,7 @@ def generate_records(cfg: Config, model, tokenizer, records: list[Record], prepa
         "gen/warmup_seconds": stats["warmup_seconds"],
         "gen/wall_seconds": wall,
         "gen/path": stats["path"],
+        "gen/batches_decoded_again": stats.get("batches_decoded_again", 0),  # deferred_syncs.py: rare
         "gen/examples_per_s": len(records) / seconds,
         "gen/new_tokens_per_s": count_new_tokens(tokenizer, texts) / seconds,
         "gen/setting": dataclasses.asdict(cfg.gen),

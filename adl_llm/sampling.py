@@ -9,7 +9,9 @@ same random numbers (tests/test_sampling.py against transformers' warpers). Wher
 scores, the tied tokens are cut in token-id order, as a stable sort of the whole row cuts them: a GPU's sort is
 stable, a CPU's is not, so on a CPU transformers keeps an arbitrary one of them and the draws may differ there
 (the distribution is the same). Where the margin does not hold every tie, or a row has fewer than k finite
-scores, the step falls back to transformers' warpers.
+scores, the step falls back to transformers' warpers; with `defer_fallback` (a GPU's fast path) that test is not
+read at each step, which would make the host wait for the card, but gathered for the batch (`missed`) and read once
+after it, and a batch that needed the warpers is decoded again with them (deferred_syncs.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-TIE_MARGIN = 2  # candidates looked at: this many times k, so ties at the k-th score are kept as top-k keeps them
+# Candidates looked at: this many times k, so ties at the k-th score are kept as top-k keeps them. Wide, since a
+# deferred fallback costs a batch decoded again: it takes 7k + 1 scores tied at the k-th to need the warpers.
+TIE_MARGIN = 8
 # Rows the fallback to transformers' warpers takes at a time: their sort of whole rows makes copies a row that the
 # fused path does not, and a batch is sized for the fused path's memory (decoding.prompts_per_batch).
 FALLBACK_ROWS = 64
@@ -28,7 +32,9 @@ class TopKTopPSampling(LogitsProcessor):
     over the top-k candidates. `min_tokens_to_keep` as generate sets it (beam sampling keeps one more than its
     EOS tokens)."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, min_tokens_to_keep: int = 1):
+    def __init__(
+        self, temperature: float, top_k: int, top_p: float, min_tokens_to_keep: int = 1, defer_fallback: bool = False
+    ):
         if top_k < 1:
             raise ValueError(f"TopKTopPSampling needs top_k >= 1, got {top_k}")
         self.temperature, self.top_p, self.min_keep = temperature, top_p, min_tokens_to_keep
@@ -38,6 +44,12 @@ class TopKTopPSampling(LogitsProcessor):
             TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=min_tokens_to_keep),
             *([TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)] if top_p < 1.0 else []),
         ]
+        self.defer_fallback = defer_fallback
+        self.missed: torch.Tensor | None = None  # deferred: whether a step since `missed = None` needed the warpers
+
+    def missed_any(self) -> bool:
+        """Whether a step since the last reset needed the warpers its deferred test did not call (one read)."""
+        return self.missed is not None and bool(self.missed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
@@ -45,8 +57,12 @@ class TopKTopPSampling(LogitsProcessor):
         scaled = scores / self.temperature  # as TemperatureLogitsWarper divides
         values, indices = scaled.topk(min(TIE_MARGIN * k, vocab), dim=-1)  # sorted, best first
         kth = values[..., k - 1 : k]
-        if values.shape[-1] < vocab and bool((values[..., -1:] >= kth).any()):  # ties past the margin, or -inf
-            return self._warpers(input_ids, scores)
+        if values.shape[-1] < vocab:
+            beyond = (values[..., -1:] >= kth).any()  # ties past the margin, or -inf
+            if self.defer_fallback:
+                self.missed = beyond if self.missed is None else self.missed | beyond
+            elif bool(beyond):
+                return self._warpers(input_ids, scores)
         # Ascending, ties in the order of their token ids, as TopPLogitsWarper's sort of the whole row puts them
         # (a GPU's radix sort is stable); where top-p cuts between tied tokens, the same ones are dropped.
         indices, by_id = indices.sort(-1)

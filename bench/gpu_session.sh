@@ -220,8 +220,9 @@ profile_decode() {  # where a decoding step spends its time, on each path (PATHS
   local name=profile-decode-${DECODE:-greedy}-b${BEAMS:-1}${MODEL:+-$(basename "$MODEL")}
   CUDA_VISIBLE_DEVICES=$GPU $PY -m bench.profile_decode --model-path "${MODEL:-$ADL_LLM_CACHE/models/gemma3-270m}" \
     --adapter "${ADAPTER:-/tmp/stage/adapter}" --gen "${DECODE:-greedy}" --beams "${BEAMS:-1}" --prompts "${PROMPTS:-250}" \
-    --paths "${PATHS:-plain,default,compiled}" --new-tokens "${NEW_TOKENS:-32}" ${STOPS:+--stops} --out "$KEEP/$name" 2>&1 | log "$name"
-  grep -h "^==\|a step" "$KEEP/$name/profile-decode.txt" || tail -n 20 "$KEEP/$name.log"
+    --paths "${PATHS:-plain,default,compiled}" --new-tokens "${NEW_TOKENS:-32}" ${STOPS:+--stops} ${SOURCES:+--sync-sources} \
+    --out "$KEEP/$name" 2>&1 | log "$name"
+  grep -h "^==\|a step\|^  " "$KEEP/$name/profile-decode.txt" || tail -n 20 "$KEEP/$name.log"
 }
 
 adapter7b() {  # an adapter of one training step on the 7B shape, for its decoding
@@ -241,8 +242,8 @@ decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams
 
 profile_decode7b() {  # the 7B shape's decoding step at beams 5 with the report's sampling, plain and compiled
   adapter7b
-  MODEL=/tmp/llama7b ADAPTER=$KEEP/adapter7b/adapter DECODE=report BEAMS=5 PROMPTS=${PROMPTS:-2} \
-    PATHS=${PATHS:-plain,compiled,compiled_bnb} profile_decode
+  MODEL=/tmp/llama7b ADAPTER=$KEEP/adapter7b/adapter DECODE=report BEAMS=5 PROMPTS=${PROMPTS:-2} SOURCES=1 \
+    PATHS=${PATHS:-plain,compiled,compiled_undeferred} profile_decode
 }
 
 bench7b_train() {  # the 7B shape's training: adl-llm (default, 40 GiB, no Liger) against TRL + Liger, no seed-style loop

@@ -5,24 +5,32 @@
     python -m bench.profile_decode --model-path /tmp/tiny --prompts 4 --out /tmp/pd     # a CPU check
 
 Each path (plain: bitsandbytes' layers and a dynamic cache; default: what a generate job takes on this device;
-dequantize: gen.dequantize=true; compiled: gen.compile=true; warpers: transformers' sampling warpers instead of
-the fused sampling) decodes the first `--prompts` public-test prompts in one batch, greedily (or `--gen report
---beams N`), `--new-tokens` tokens with no stop strings (unless `--stops`), so every step runs. After a warm-up,
-the wall time of that decoding is timed without the profiler, then profiled once: the kernels launched and the
-time the GPU is busy a step against the wall time a step say whether the step waits on the card or on Python and
-launches.
+dequantize: gen.dequantize=true; compiled: gen.compile=true; warpers: transformers' sampling warpers instead of the
+fused sampling; compiled_undeferred: compiled, with the stop and fallback tests read at every step) decodes the first
+`--prompts` public-test prompts in one batch, greedily (or `--gen report --beams N`), `--new-tokens` tokens with no
+stop strings (unless `--stops`), so every step runs. After a warm-up, the wall time of that decoding is timed without
+the profiler, then profiled once: the kernels launched and the time the GPU is busy a step against the wall time a
+step say whether the step waits on the card or on Python and launches. The host's waits for the card a step are
+counted, and with `--sync-sources` each wait is traced to the line of adl_llm or transformers that asked for it
+(torch.cuda.set_sync_debug_mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
 
+from adl_llm import decode_path
 from adl_llm.config import compose
 from adl_llm.data import load_records
 from adl_llm.decoding import encode_prompts, generate_from_ids
@@ -38,7 +46,10 @@ PATHS = {
     "warpers": {"fused_sampling": False},  # the default path with transformers' sampling warpers
     "compiled_warpers": {"compile": True, "fused_sampling": False},
     "compiled_bnb": {"compile": True, "nf4_graph": False},  # NF4 weights through bitsandbytes' operator, compiled
+    "compiled_undeferred": {"compile": True},  # and the host waits for each step's stop test (UNDEFERRED)
 }
+UNDEFERRED = {"compiled_undeferred"}
+WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")  # the host waits for the card
 
 
 def main(argv=None) -> None:
@@ -51,6 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gen", default="greedy", help="the gen option decoded (report: the report's sampling)")
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--stops", action="store_true", help="keep the stop strings (a batch may end early)")
+    parser.add_argument("--sync-sources", action="store_true", help="trace each wait for the card to its line")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +90,9 @@ def main(argv=None) -> None:
         gen = dataclasses.replace(base, **PATHS[name])
         stats: dict = {}
 
-        def decode(gen=gen, stats=stats) -> None:
-            with attention_kernels(cfg.model.cudnn_attention):
+        def decode(gen=gen, stats=stats, undeferred=name in UNDEFERRED) -> None:
+            late = mock.patch.object(decode_path, "syncs_deferred", lambda device: False)
+            with attention_kernels(cfg.model.cudnn_attention), late if undeferred else contextlib.nullcontext():
                 generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
             measure.sync()
 
@@ -97,20 +110,43 @@ def main(argv=None) -> None:
         averages = prof.key_averages()
         kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
         launches = sum(e.count for e in kernels)
+        waits = sum(e.count for e in averages if e.key in WAITS)
         gpu_busy = measure.gpu_busy_seconds(prof)
         steps = args.new_tokens
-        lines += [
+        said = [
             f"== {name} (path {stats['path']})",
             f"wall time a step: {wall / steps * 1000:.2f} ms without the profiler ({wall:.2f} s for {steps} steps), "
             f"{profiled / steps * 1000:.2f} ms with it",
             f"GPU busy a step (some kernel running): {gpu_busy / steps * 1000:.2f} ms, "
-            f"{gpu_busy / profiled:.0%} of the profiled time; kernels launched a step: {launches / steps:.0f}",
-            averages.table(sort_by="self_cpu_time_total", row_limit=20),
+            f"{gpu_busy / profiled:.0%} of the profiled time; kernels launched a step: {launches / steps:.0f}; "
+            f"host waits for the card a step: {waits / steps:.1f}",
+            *(sync_sources(decode) if args.sync_sources and device.type == "cuda" else []),
         ]
-        print("\n".join(lines[-4:-1]), flush=True)
+        lines += [*said, averages.table(sort_by="self_cpu_time_total", row_limit=20)]
+        print("\n".join(lines[-1 - len(said) : -1]), flush=True)
     report = "\n".join(lines)
     (args.out / "profile-decode.txt").write_text(report, encoding="utf-8")
     print(f"at {time.strftime('%H:%M:%S')} wrote {args.out}/profile-decode.txt", flush=True)
+
+
+def sync_sources(decode) -> list[str]:
+    """The lines of adl_llm and transformers whose calls made the host wait for the card in one decoding, counted."""
+    sources: Counter = Counter()
+
+    def trace(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack() if "adl_llm" in f.filename or "transformers" in f.filename]
+        sources[f"{ours[-1].filename.split('/site-packages/')[-1]}:{ours[-1].lineno}" if ours else filename] += 1
+
+    with warnings.catch_warnings(), mock.patch.object(warnings, "showwarning", trace):
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            decode()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return ["waits for the card, by the line that asked (one decoding):"] + [
+        f"  {count:6d}  {where}" for where, count in sources.most_common(12)
+    ]
 
 
 if __name__ == "__main__":

@@ -124,12 +124,14 @@ def test_profile_decode_writes_its_table(tiny_model_dir, tmp_path):
         f"--model-path={tiny_model_dir}",
         "--prompts=3",
         "--new-tokens=2",
-        "--paths=plain,default",
+        "--paths=plain,default,compiled_undeferred",
         f"--out={tmp_path}",
     ]
     profile_decode.main(args)
     text = (tmp_path / "profile-decode.txt").read_text(encoding="utf-8")
     assert "== plain (path plain)" in text and "== default" in text and "wall time a step" in text and "aten::" in text
+    assert "== compiled_undeferred (path static_cache+compile" in text  # 2 new tokens: a warm-up within the cache
+    assert "host waits for the card a step" in text
 
 
 def test_decode_table_compares_each_run_with_its_plain_twin_and_names_failures(tmp_path):
