@@ -9,12 +9,6 @@ The lock files live in /dev/shm (else /tmp), on the machine itself, never on a s
 GPU 0 would block another's. Nothing is claimed for a single run, under torchrun (each rank has its GPU), or where
 a process sees fewer than two GPUs (a Slurm job given one): there is nothing to choose. Where no lock can be had,
 the job runs unclaimed and says so. On a MIG machine, list the instances in CUDA_VISIBLE_DEVICES.
-
-A claimed job also takes its share of the CPU cores (cores / GPUs) for torch's threads and inductor's compile
-workers, as torchrun does for its ranks: jobs side by side would otherwise each start a thread and a compile
-worker per core, and contend for them (before this, on a 2 x H200 machine, the second jobs of a 4-job sweep
-trained 5 to 15% slower side by side than alone). Set OMP_NUM_THREADS or TORCHINDUCTOR_COMPILE_THREADS to choose
-otherwise.
 """
 
 from __future__ import annotations
@@ -99,8 +93,7 @@ def claim_gpu(poll_seconds: float = 2.0) -> str | None:
                     continue
                 _claim.update(gpu=gpu, fd=fd)
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-                cores = _take_cpu_share(len(gpus))
-                log.info("GPU %s claimed: this job sees only it (of %d), and %d CPU cores", gpu, len(gpus), cores)
+                log.info("GPU %s claimed: this job sees only it (%d GPUs visible)", gpu, len(gpus))
                 return gpu
             if not said:
                 said = True
@@ -109,20 +102,6 @@ def claim_gpu(poll_seconds: float = 2.0) -> str | None:
     except OSError as exc:  # a folder or file another user made unreadable, a file system without locks
         log.warning("no GPU claimed (%s: %s): the job uses every GPU it sees", type(exc).__name__, exc)
         return None
-
-
-def _take_cpu_share(jobs_at_once: int) -> int:
-    """Limit this process's CPU threads to its share of the cores it may run on; the share, in cores. A limit the
-    user set in the environment is kept."""
-    share = max(1, len(os.sched_getaffinity(0)) // jobs_at_once)
-    for variable in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):  # read when torch or inductor start
-        os.environ.setdefault(variable, str(share))
-    threads = os.environ["OMP_NUM_THREADS"]
-    threads = int(threads) if threads.isdigit() and int(threads) > 0 else share  # torch ignores one it cannot read
-    torch = sys.modules.get("torch")
-    if torch is not None:  # already imported (a worker process reused for a later job): too late for the variable
-        torch.set_num_threads(threads)
-    return threads
 
 
 def _shared_folder(folder: Path) -> None:

@@ -10,7 +10,6 @@ import sys
 import uuid
 
 import pytest
-import torch
 
 from adl_llm import gpus
 from adl_llm.config import PROJECT_ROOT
@@ -18,18 +17,6 @@ from tests.conftest import read_json, run_entrypoint, tiny_overrides
 
 # Claims a GPU, prints its name, and holds it until its stdin closes.
 CLAIM = "import sys; from adl_llm.gpus import claim_gpu; print(claim_gpu(0.05), flush=True); sys.stdin.read()"
-CPU_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
-
-
-@pytest.fixture(autouse=True)
-def _threads_put_back(monkeypatch):
-    """A claim made in this process sets torch's threads and the CPU variables (gpus._take_cpu_share): the suite
-    after the test keeps its own."""
-    threads = torch.get_num_threads()
-    for variable in CPU_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -112,23 +99,6 @@ def test_the_lock_is_the_physical_gpus_whatever_name_the_job_was_given(monkeypat
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(other)
-    finally:
-        os.close(gpus._claim["fd"])
-
-
-@pytest.mark.parametrize("given,threads", [(None, 4), ("3", 3), ("many", 4)])
-def test_a_claimed_job_takes_its_share_of_the_cores(monkeypatch, given, threads):
-    monkeypatch.setattr(gpus, "_nvidia_smi", lambda: {"0": f"GPU-{uuid.uuid4()}", "1": f"GPU-{uuid.uuid4()}"})
-    monkeypatch.setattr(gpus, "_claim", {})
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # 8 cores, 2 GPUs: 4 a job
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    if given:
-        monkeypatch.setenv("OMP_NUM_THREADS", given)  # the user's, kept (torch falls back where it cannot read it)
-    assert gpus.claim_gpu() == "0"
-    try:
-        assert torch.get_num_threads() == threads
-        assert os.environ["OMP_NUM_THREADS"] == (given or "4")
-        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "4"
     finally:
         os.close(gpus._claim["fd"])
 
