@@ -31,8 +31,8 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
 - **fused sampling** (`gen.fused_sampling`, null: when sampling with a top_k): temperature, top-k and top-p on the
   k best tokens of each row (sampling.py) instead of transformers' three warpers, whose top-p sorts all 262k of
   Gemma's scores for every row and step. The same tokens kept with the same scores, so the same draws.
-- **deferred syncs** (on a GPU): the stop tests and the fused sampler's fallback test read late, so the host
-  queues the next step while the card runs this one (deferred_syncs.py); the same tokens.
+- **deferred syncs** (`gen.defer_syncs`, null: on a GPU): the stop tests and the fused sampler's fallback test
+  read late, so the host queues the next step while the card runs this one (deferred_syncs.py); the same tokens.
 
 Whatever fails on the first batch (an architecture without a static cache, a graph that does not compile) falls
 back to the plain path with a warning naming the setting, and the batch is decoded again. A model whose cache
@@ -104,12 +104,6 @@ class DecodePath:
 PLAIN = DecodePath(dequantize=False, static_cache=False, compile=False)
 
 
-def syncs_deferred(device: torch.device) -> bool:
-    """Whether the fast path reads its stop and fallback tests late (deferred_syncs.py): on a GPU, where the host
-    would otherwise wait for the card at every step; a CPU's host is the card."""
-    return device.type == "cuda"
-
-
 @contextlib.contextmanager
 def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
     """Within: the path of a decoding job as `gen` sets it (the module's docstring), the NF4 weights dequantised
@@ -140,7 +134,9 @@ def fast_path(model, gen: GenConfig) -> Iterator[DecodePath]:
         in_graph = graph_wanted and any(nf4_graph.supported(layer) for layer in nf4_layers(model))
         if gen.nf4_graph and not in_graph:
             log.info("gen.nf4_graph: no NF4 layers bitsandbytes runs (or no compiled step); nothing changed")
-        path = DecodePath(dequantized, static, compiled, fused, in_graph, syncs_deferred(base.device))
+        # Late tests pay on a GPU, where the host would otherwise wait for the card at every step (not on a CPU).
+        deferred = gen.defer_syncs if gen.defer_syncs is not None else on_gpu
+        path = DecodePath(dequantized, static, compiled, fused, in_graph, deferred)
         log.info("decoding path: %s", path.describe())
         yield path
 

@@ -32,6 +32,7 @@ class GenConfig:
     compile: bool
     fused_sampling: bool | None
     nf4_graph: bool | None
+    defer_syncs: bool | None
 
     def __post_init__(self) -> None:
         require_at_least("gen", self, 1, "beams", "max_new_tokens")

@@ -92,7 +92,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
 
                 def step_gradients(batch=batch, n_scored=n_scored) -> tuple[float, int]:
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
-                    micro_batches = split_step(rank_share(batch, tc), tc, plan.tokens, plan.multiple, plan.pass_tokens)
+                    micro_batches = split_step(rank_share(batch, tc), tc, plan.tokens, plan.multiple)
                     return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)

@@ -190,7 +190,7 @@ sweep_gpus() {
 # prompts, each setting with every piece of the fast path (gen.compile=true) and on the plain path
 # (gen.dequantize/static_cache/compile=false), one command a folder with its wall time; with PIECES=1 also the
 # default path, and greedy with each piece alone.
-PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false gen.fused_sampling=false)
+PLAIN=(gen.dequantize=false gen.static_cache=false gen.compile=false gen.fused_sampling=false gen.defer_syncs=false)
 decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
   local name=$1 started
   shift

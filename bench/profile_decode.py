@@ -18,7 +18,6 @@ counted, and with `--sync-sources` each wait is traced to the line of adl_llm or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import time
 import traceback
@@ -30,7 +29,6 @@ from unittest import mock
 import torch
 from torch.autograd import DeviceType
 
-from adl_llm import decode_path
 from adl_llm.config import compose
 from adl_llm.data import load_records
 from adl_llm.decoding import encode_prompts, generate_from_ids
@@ -39,16 +37,15 @@ from adl_llm.prompts import build_prompts
 from bench import measure
 
 PATHS = {
-    "plain": {"dequantize": False, "static_cache": False, "compile": False},
+    "plain": {"dequantize": False, "static_cache": False, "compile": False, "defer_syncs": False},
     "default": {},
     "dequantize": {"dequantize": True},
     "compiled": {"compile": True},
     "warpers": {"fused_sampling": False},  # the default path with transformers' sampling warpers
     "compiled_warpers": {"compile": True, "fused_sampling": False},
     "compiled_bnb": {"compile": True, "nf4_graph": False},  # NF4 weights through bitsandbytes' operator, compiled
-    "compiled_undeferred": {"compile": True},  # and the host waits for each step's stop test (UNDEFERRED)
+    "compiled_undeferred": {"compile": True, "defer_syncs": False},  # the host waits for each step's stop test
 }
-UNDEFERRED = {"compiled_undeferred"}
 WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")  # the host waits for the card
 
 
@@ -90,9 +87,8 @@ def main(argv=None) -> None:
         gen = dataclasses.replace(base, **PATHS[name])
         stats: dict = {}
 
-        def decode(gen=gen, stats=stats, undeferred=name in UNDEFERRED) -> None:
-            late = mock.patch.object(decode_path, "syncs_deferred", lambda device: False)
-            with attention_kernels(cfg.model.cudnn_attention), late if undeferred else contextlib.nullcontext():
+        def decode(gen=gen, stats=stats) -> None:
+            with attention_kernels(cfg.model.cudnn_attention):
                 generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
             measure.sync()
 

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
     plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
-    micro_batches = split_step(rank_share(examples, cfg.train), cfg.train, plan.tokens, plan.multiple, plan.pass_tokens)
+    micro_batches = split_step(rank_share(examples, cfg.train), cfg.train, plan.tokens, plan.multiple)
 
     def one_pass() -> None:
         accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)

@@ -1,5 +1,5 @@
 """Stop and fallback tests read late (deferred_syncs.py) give the answers of tests read at every step. The deferral
-pays on a GPU only, so here it is forced on (decode_path.syncs_deferred); the answers do not depend on the device."""
+pays on a GPU only, so here it is asked for (gen.defer_syncs); the answers do not depend on the device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adl_llm import decode_path, deferred_syncs, sampling
+from adl_llm import deferred_syncs, sampling
 from adl_llm.config import GenConfig
 from adl_llm.decoding import encode_prompts, generate_from_ids
 from adl_llm.sampling import TopKTopPSampling
@@ -26,9 +26,9 @@ def tiny(tiny_model_dir):
 
 def _answers(tiny, gen: GenConfig, deferred: bool, monkeypatch, stats: dict | None = None) -> list[str]:
     model, tokenizer, encoded = tiny
-    monkeypatch.setattr(decode_path, "syncs_deferred", lambda device: deferred)
     torch.manual_seed(0)
     stats = {} if stats is None else stats
+    gen = dataclasses.replace(gen, defer_syncs=deferred)
     answers = generate_from_ids(model, tokenizer, encoded, gen, progress=False, fast=True, stats=stats)
     assert ("deferred_syncs" in stats["path"]) == deferred
     return answers

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 import shutil
 import signal
 import subprocess
@@ -19,7 +17,7 @@ from adl_llm.batching import padded_width
 from adl_llm.checkpoint import complete_checkpoints
 from adl_llm.config import PROJECT_ROOT, DType, ModelConfig, Quant
 from adl_llm.data import load_records
-from adl_llm.encode import Encoded, encode_examples
+from adl_llm.encode import encode_examples
 from adl_llm.errors import UserError
 from adl_llm.evaluate import perplexities
 from adl_llm.loss import accumulate_gradients
@@ -123,9 +121,7 @@ def test_two_by_eight_accumulates_the_gradient_of_sixteen_by_one(tiny_model_dir,
     assert len(splits[-1]) > 2 and sorted(id(ex) for p in splits[-1] for ex in p) == sorted(map(id, examples))
     bucketed = split_step(examples, auto, 300, multiple=16)  # as on a GPU: pass widths rounded up to 16 columns
     assert all(len(p) == 1 or padded_width(len(p[0].input_ids), 16) * len(p) <= 300 for p in bucketed)
-    least_padding = split_step(examples, auto, 4000, multiple=16, pass_tokens=32.0)  # a pass measured as cheap
-    assert len(split_step(examples, auto, 4000, multiple=16)) == 1 < len(least_padding)
-    cases = [(passes, 1) for passes in splits] + [(bucketed, 16), (least_padding, 16)]
+    cases = [(passes, 1) for passes in splits] + [(bucketed, 16)]
     for passes, multiple in cases:
         model = _model(tiny_model_dir, seed=3, lora_dropout=0.0)  # dropout off: its masks draw randomness
         torch.manual_seed(4)
@@ -240,66 +236,6 @@ def test_partial_checkpoint_is_ignored_and_other_settings_are_refused(tiny_model
 
     with pytest.raises(UserError, match="other training settings"):
         _train(_model(tiny_model_dir), examples, run_dir, *settings, "optim.lr=1.0")
-
-
-def _stub(length: int) -> Encoded:
-    return Encoded(input_ids=[1] * length, labels=[1] * length, truncated=False)
-
-
-def _cost(runs, multiple: int, pass_tokens: float) -> float:
-    return sum(padded_width(len(run[0].input_ids), multiple) * len(run) + pass_tokens for run in runs)
-
-
-@pytest.mark.parametrize("pass_tokens", [0.0, 64.0, 300.0, 1e9])
-def test_a_measured_pass_cost_cuts_a_step_where_padding_costs_more(pass_tokens):
-    """Against every cut of the longest-first examples into runs (2^11 of them): none that fits costs less; each
-    example in exactly one run; with passes that cost more than any padding, as few runs as the plain cut."""
-    generator = torch.Generator().manual_seed(5)
-    lengths = torch.randint(20, 240, (12,), generator=generator).tolist()
-    batch = [_stub(n) for n in lengths]
-    tc = compose_config("train.micro_batch_tokens=1000").train
-    runs = split_step(batch, tc, 1000, 16, pass_tokens)
-    assert sorted(id(ex) for run in runs for ex in run) == sorted(map(id, batch))
-    assert all(len(run) == 1 or padded_width(len(run[0].input_ids), 16) * len(run) <= 1000 for run in runs)
-    ordered = sorted(batch, key=lambda ex: -len(ex.input_ids))
-    cheapest = math.inf
-    for mask in range(2 ** (len(ordered) - 1)):
-        cuts = [0] + [i + 1 for i in range(len(ordered) - 1) if mask >> i & 1] + [len(ordered)]
-        candidate = [ordered[a:b] for a, b in itertools.pairwise(cuts)]
-        if all(len(r) == 1 or padded_width(len(r[0].input_ids), 16) * len(r) <= 1000 for r in candidate):
-            cheapest = min(cheapest, _cost(candidate, 16, pass_tokens))
-    assert _cost(runs, 16, pass_tokens) == pytest.approx(cheapest)
-    if pass_tokens == 1e9:
-        assert len(runs) == len(split_step(batch, tc, 1000, 16))
-    same_width = [_stub(n) for n in (100, 100, 90, 90, 80, 80)]  # 128 columns each: no padding to save
-    assert len(split_step(same_width, tc, 1000, 64, pass_tokens)) == 1  # of cuts that cost the same, the fewest
-
-
-def test_the_pass_cost_is_measured_from_two_timed_passes(tiny_model_dir, monkeypatch):
-    """Timed passes are stubbed (no GPU here): a fixed 10 ms plus 1 us a padded token is 10,000 tokens a pass; passes
-    that take as long whatever their size (waiting on the host) give inf, the plain cut."""
-    from adl_llm import micro_batches
-
-    model = _model(tiny_model_dir)
-    plan = micro_batches.MicroBatchPlan(tokens=4096, multiple=64, gradient_checkpointing=True)
-    longest = _stub(100)  # 128 columns: passes of 16 and 8 copies fit 4096 tokens
-    sizes = []
-
-    def linear(model, examples, pad_id, device, multiple):
-        sizes.append((len(examples), gradient_checkpointing_on(model)))
-        return 0.010 + 1e-6 * padded_width(len(examples[0].input_ids), multiple) * len(examples)
-
-    monkeypatch.setattr(micro_batches, "_pass_seconds", linear)
-    measured = micro_batches._with_pass_tokens(model, plan, longest, 16, 0, torch.device("cpu"))
-    assert measured.pass_tokens == pytest.approx(10_000) and sizes == [(8, True), (16, True)]
-    assert not gradient_checkpointing_on(model)  # as it found it
-    monkeypatch.setattr(micro_batches, "_pass_seconds", lambda *args: 0.05)
-    assert micro_batches._with_pass_tokens(model, plan, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
-    # more than twice the time for twice the tokens: no fixed cost to measure (noise), so no finer cut either
-    monkeypatch.setattr(micro_batches, "_pass_seconds", lambda model, examples, *args: 0.001 * len(examples) ** 2)
-    assert micro_batches._with_pass_tokens(model, plan, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
-    one = micro_batches.MicroBatchPlan(tokens=128, multiple=64, gradient_checkpointing=False)  # one copy a pass
-    assert micro_batches._with_pass_tokens(model, one, longest, 16, 0, torch.device("cpu")).pass_tokens == math.inf
 
 
 @pytest.mark.parametrize(
