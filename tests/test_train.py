@@ -270,7 +270,6 @@ def test_gpu_pass_budget_turns_checkpointing_on_when_it_saves_passes(
         return checkpointed if on else plain
 
     monkeypatch.setattr(micro_batches, "_measure", measured)
-    monkeypatch.setattr(micro_batches, "_pass_seconds", lambda *args: 0.1)  # host-bound: as few passes as fit
     plan = micro_batches.plan_micro_batches(model, examples, tc, 0, torch.device("cuda"))
     assert not gradient_checkpointing_on(model)  # planning leaves the model as it found it
     set_gradient_checkpointing(model, plan.gradient_checkpointing)  # as train() applies the plan
