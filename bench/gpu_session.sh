@@ -206,6 +206,9 @@ decode() {
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
   decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
   decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
+  # The plain path against itself in batches of 64 (other widths, other sums): how many of its own greedy answers
+  # keep their text, the yardstick for the fast path's "same text as plain"
+  decode_run greedy-plain64 "${a[@]}" gen=greedy "${PLAIN[@]}" gen.batch_size=64
   if [ -n "${PIECES:-}" ]; then  # each piece alone (PIECES=1)
     decode_run sampling-default -m "${a[@]}" gen.beams=1,3,5  # a GPU's default path: the weights dequantised
     decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path
