@@ -192,17 +192,18 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
                 **given,
             )
 
-    def run(rows: list[int], settings: GenerationConfig = settings) -> list[str]:
+    def run(rows: list[int], settings: GenerationConfig = settings, seed: int | None = None) -> list[str]:
         ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
-        drawn_from = deferred_syncs.random_state(device) if sampler is not None else None
-        out = attempt(ids, mask, settings)
+        seed = deferred_syncs.batch_seed() if seed is None else seed
+        with deferred_syncs.seeded(device, seed):
+            out = attempt(ids, mask, settings)
         if sampler is not None and sampler.missed_any():  # rare (sampling.TIE_MARGIN): the batch again, exactly
             log.info("fused sampling: a row of this batch needed transformers' warpers; decoding it again with them")
             stats["batches_decoded_again"] = stats.get("batches_decoded_again", 0) + 1
-            deferred_syncs.set_random_state(device, drawn_from)
             sampler.defer_fallback = False
             try:
-                out = attempt(ids, mask, settings)
+                with deferred_syncs.seeded(device, seed):
+                    out = attempt(ids, mask, settings)
             finally:
                 sampler.defer_fallback = True
         decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
@@ -214,7 +215,8 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     if path.compile:  # compiled and captured on the batches' one shape, timed apart (gen/warmup_seconds)
         started = time.perf_counter()
         warm = dataclasses.replace(gen, max_new_tokens=min(WARMUP_NEW_TOKENS, gen.max_new_tokens))  # the cache's
-        run(fixed[0][0], generation_config(warm, tokenizer, fused_sampling=path.fused_sampling, **extra))
+        # its own seed: the warm-up takes no draw from the process's stream, so both paths' batches sample alike
+        run(fixed[0][0], generation_config(warm, tokenizer, fused_sampling=path.fused_sampling, **extra), seed=0)
         stats["warmup_seconds"] += time.perf_counter() - started
     texts: list[str] = []
     bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())

@@ -16,8 +16,11 @@ without changing a token:
   count alone ends the loop at `max_new_tokens`, never past the cache. tests/test_deferred_syncs.py checks the
   answers against the undeferred search.
 - **fused sampling**: whether a row needs transformers' warpers (sampling.py) is gathered on the card for the
-  whole batch and read once after it; a batch where one did is decoded again from the same random state with the
-  warpers: the same draws as testing every step, at the cost of one batch in the rare case.
+  whole batch and read once after it; a batch where one did is decoded again from the same seed with the warpers:
+  the same draws as testing every step, at the cost of one batch in the rare case.
+
+Each batch samples from its own seed, drawn once a batch from the process's stream (`batch_seed`, `seeded`), on
+every path: the extra step of a late stop test samples too, and would otherwise shift every later batch's draws.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class DeferredBeamStop:
     def __call__(self, *args, **kwargs) -> bool:
         unfinished = self.check(*args, **kwargs)
         self.steps += 1
-        if self.steps >= self.max_new_tokens:
+        if self.max_new_tokens is not None and self.steps >= self.max_new_tokens:
             return False
         on_gpu = unfinished.device.type == "cuda"
         if not self.slots:
@@ -89,9 +92,9 @@ class DeferredBeamStop:
                 for _ in range(2)
             ]
         host, event = slot = self.slots[self.steps % 2]
-        host.copy_(unfinished.reshape(()), non_blocking=True)
+        host.copy_(unfinished.reshape(()), non_blocking=on_gpu)  # elsewhere a copy with no event to wait on
         if event is not None:
-            event.record()
+            event.record(torch.cuda.current_stream(unfinished.device))
         self.pending.append(slot)
         if len(self.pending) < 2:  # the first step's flag is read at the second
             return True
@@ -101,13 +104,19 @@ class DeferredBeamStop:
         return bool(host)
 
 
-def random_state(device: torch.device) -> tuple:
-    """What sampling on `device` draws from, to decode a batch again with the same draws (set_random_state)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def batch_seed() -> int:
+    """The seed of one batch's draws, taken from the process's random stream: one draw a batch, however many steps
+    the batch ran. A late stop test runs one more step, which samples too: drawn from the process's stream, that
+    would shift every later batch's draws."""
+    return int(torch.randint(0, 2**62, ()))
 
 
-def set_random_state(device: torch.device, state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Within: the CPU's and `device`'s generators seeded with `seed`; after: as they were."""
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield

@@ -130,6 +130,8 @@ def sync_sources(decode) -> list[str]:
     sources: Counter = Counter()
 
     def trace(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):  # torch.cuda.set_sync_debug_mode's warnings only
+            return
         ours = [f for f in traceback.extract_stack() if "adl_llm" in f.filename or "transformers" in f.filename]
         sources[f"{ours[-1].filename.split('/site-packages/')[-1]}:{ours[-1].lineno}" if ours else filename] += 1
 

@@ -34,17 +34,32 @@ def _answers(tiny, gen: GenConfig, deferred: bool, monkeypatch, stats: dict | No
     return answers
 
 
+def _stopping_apart(tiny, gen: GenConfig, monkeypatch) -> GenConfig:
+    """`gen` with a character the model often says as its stop string, one that ends the answers at different
+    steps: rows and beams finish apart, and searches end before their last token."""
+    said = Counter("".join(_answers(tiny, gen, False, monkeypatch))).most_common(5)
+    for character, _ in said:
+        stopping = dataclasses.replace(gen, stop_strings=[character])
+        if len({len(answer) for answer in _answers(tiny, stopping, False, monkeypatch)}) > 1:
+            return stopping
+    raise AssertionError(f"none of {said} ends the answers at different steps")
+
+
 @pytest.mark.parametrize(("beams", "do_sample"), [(3, False), (3, True), (5, True), (1, True), (1, False)])
 def test_late_stop_tests_give_the_same_answers(tiny, monkeypatch, beams, do_sample):
     gen = GenConfig(beams=beams, do_sample=do_sample, top_k=10, top_p=0.9, temperature=1.2, max_new_tokens=10,
                     stop_strings=[], batch_size=3)  # fmt: skip
-    # A character the model often says as the stop string: rows and beams finish at different steps, searches end
-    # before their last token.
-    said = Counter("".join(_answers(tiny, gen, False, monkeypatch))).most_common(1)[0][0]
-    gen = dataclasses.replace(gen, stop_strings=[said])
-    deferred = _answers(tiny, gen, True, monkeypatch)
-    assert deferred == _answers(tiny, gen, False, monkeypatch)
-    assert any(deferred) and len({len(answer) for answer in deferred}) > 1  # stopped apart
+    gen = _stopping_apart(tiny, gen, monkeypatch)
+    assert _answers(tiny, gen, True, monkeypatch) == _answers(tiny, gen, False, monkeypatch)
+
+
+def test_a_search_that_stops_early_leaves_the_next_batches_draws_alone(tiny, monkeypatch):
+    """A late stop test runs one step more, which samples too: each batch draws from its own seed, so the batches
+    after one that stopped early sample as without the late test (a batch a prompt, up to 30 tokens)."""
+    gen = GenConfig(beams=3, do_sample=True, top_k=10, top_p=0.9, temperature=1.2, max_new_tokens=30,
+                    stop_strings=[], batch_size=1)  # fmt: skip
+    gen = _stopping_apart(tiny, gen, monkeypatch)
+    assert _answers(tiny, gen, True, monkeypatch) == _answers(tiny, gen, False, monkeypatch)
 
 
 def test_a_beam_stop_test_is_read_a_step_late_and_never_past_the_last_token():
