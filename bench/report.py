@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 PARTS = ("train", "ppl", "gen")
@@ -119,13 +120,13 @@ def _train_peer(data: dict) -> str:
     ]
     warmup = data.get("warmup_steps", 0)
     header = ["side", "steps", f"tokens/s after step {warmup}", f"ratio to {best_name.removeprefix('peer_')}"]
-    header += ["peak allocated GiB", "mean abs. loss diff. from adl-llm"]
+    header += ["median step's tokens/s", "peak allocated GiB", "mean abs. loss diff. from adl-llm"]
     reference = data.get("framework", {}).get("losses") or []
     rows = []
     for name, run in ours + [(k.removeprefix("peer_").replace("_", " + "), v) for k, v in peers]:
         if "steps" not in run:
             reason = run.get("skipped") or run.get("error") or "not run"
-            rows.append([name, "", f"not measured: {reason}", "", "", ""])
+            rows.append([name, "", f"not measured: {reason}", "", "", "", ""])
             continue
         diffs = [abs(a - b) for a, b in zip(run.get("losses") or [], reference)]
         rows.append(
@@ -134,6 +135,7 @@ def _train_peer(data: dict) -> str:
                 str(run["steps"]),
                 _fmt(run.get("steady_tokens_per_s"), "{:,.0f}"),
                 _ratio(run.get("steady_tokens_per_s"), best.get("steady_tokens_per_s")),
+                _fmt(median_step_rate(run, warmup), "{:,.0f}"),
                 _fmt(run.get("peak_alloc_gib"), "{:.2f}"),
                 _fmt(_mean(diffs) if diffs else None, "{:.4f}"),
             ]
@@ -141,6 +143,13 @@ def _train_peer(data: dict) -> str:
     tokens = data.get("mean_example_tokens", 0)
     note = f"Training against the peer, TRL's SFTTrainer: batches of 16 examples (mean {tokens:.0f} tokens each)"
     return note + "\n\n" + _table(header, rows)
+
+
+def median_step_rate(run: dict, warmup: int) -> float | None:
+    """Tokens/s of the median step after the first `warmup`: beside the window's rate, which one slow step (a new
+    shape compiling, a peer's kernel autotuning) can halve, what a step takes once every shape has been seen."""
+    rates = [t / s for t, s in zip(run.get("step_tokens", [])[warmup:], run.get("step_seconds", [])[warmup:]) if s > 0]
+    return statistics.median(rates) if rates else None
 
 
 def _train_seed(data: dict) -> str:

@@ -58,6 +58,7 @@ def test_bench_runs_every_part_and_reports(tiny_model_dir, tmp_path, capsys):
     assert "adl-llm, 2x8" in text and "precision check" in text and "| 5 |" in text
     assert "fast path ex/s" in text and "(static_cache+compile+nf4_graph)" in text
     assert "Training against the peer, TRL's SFTTrainer" in text and "| trl + liger |" in text
+    assert "median step's tokens/s" in text
     capsys.readouterr()
 
 
@@ -132,6 +133,13 @@ def test_profile_decode_writes_its_table(tiny_model_dir, tmp_path):
     assert "== plain (path plain)" in text and "== default" in text and "wall time a step" in text and "aten::" in text
     assert "== compiled_undeferred (path static_cache+compile" in text  # 2 new tokens: a warm-up within the cache
     assert "host waits for the card a step" in text
+
+
+def test_the_median_step_rate_is_what_a_step_takes_once_its_shape_is_compiled():
+    """One slow step in the window (a new shape compiling) halves the window's rate, not the median step's."""
+    run = {"step_tokens": [100, 100, 100, 100, 100], "step_seconds": [9.0, 0.1, 0.1, 0.2, 0.1]}
+    assert report.median_step_rate(run, warmup=1) == pytest.approx(1000.0)
+    assert report.median_step_rate(run, warmup=5) is None and report.median_step_rate({}, warmup=0) is None
 
 
 def test_decode_table_compares_each_run_with_its_plain_twin_and_names_failures(tmp_path):
