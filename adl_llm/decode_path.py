@@ -20,10 +20,10 @@ GB of weights in about 0.15 ms on an H200). Three pieces, each chosen per job an
   step no positions (the wrapper hid the model's signature). Each is fixed and tested on a CPU. The rows of a
   batch (prompts x beams) are a dynamic dimension of the step, and the dequantised weights buffers of one layer
   class (nf4.py), so the jobs of a sweep over beams, adapters or prompts of one width reuse the first job's graph.
-  On an H200, with fused sampling, against the plain path in the same call: 6.5x, 3.7x and 4.9x its examples/s
-  at beams 1, 3 and 5 with the report's sampling, 10.9x greedy, 2.1x on a 7B at beams 5; the beam sweep compiled
-  for 58 s in its first job and 0.3 s in the next two, so a sweep of 250 prompts takes about as long as on the plain
-  path (102 against 79 s): opt-in.
+  On an H200, with fused sampling and the late stop tests, against the plain path in the same call: 12.4x, 3.6x
+  and 7.6x its examples/s at beams 1, 3 and 5 with the report's sampling, 9.6x greedy; the beam sweep compiled for
+  48 s in its first job and 0.3 s in the next two, so a sweep of 250 prompts takes about as long as on the plain
+  path (91 against 86 s): opt-in.
 - **NF4 in the graph** (`gen.nf4_graph`, null: with `gen.compile`): where the weights stay NF4 (a 7B within its
   memory budget), the compiled step dequantises them in torch operations that inductor fuses (nf4_graph.py, as
   `train.compile` does) instead of calling bitsandbytes' operator from Python for every layer and token; the prompt

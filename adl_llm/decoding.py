@@ -172,7 +172,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     processors = sampling_processors(gen, path.fused_sampling, defer_fallback=path.deferred_syncs)
     sampler = next((p for p in processors if isinstance(p, TopKTopPSampling) and p.defer_fallback), None)
 
-    def attempt(ids: torch.Tensor, mask: torch.Tensor, settings: GenerationConfig) -> torch.Tensor:
+    def attempt(ids: torch.Tensor, mask: torch.Tensor, settings: GenerationConfig, seed: int) -> torch.Tensor:
         given = {}
         if cache is not None:
             cache.reset()
@@ -180,6 +180,7 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
         if sampler is not None:
             sampler.missed = None
         with (
+            deferred_syncs.seeded(device, seed),
             decode_path.compiled(model, path),
             deferred_syncs.deferred(model, settings.max_new_tokens, enabled=path.deferred_syncs),
         ):
@@ -195,15 +196,13 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     def run(rows: list[int], settings: GenerationConfig = settings, seed: int | None = None) -> list[str]:
         ids, mask = pad_left([encoded[i] for i in rows], tokenizer.pad_token_id, width)
         seed = deferred_syncs.batch_seed() if seed is None else seed
-        with deferred_syncs.seeded(device, seed):
-            out = attempt(ids, mask, settings)
+        out = attempt(ids, mask, settings, seed)
         if sampler is not None and sampler.missed_any():  # rare (sampling.TIE_MARGIN): the batch again, exactly
             log.info("fused sampling: a row of this batch needed transformers' warpers; decoding it again with them")
             stats["batches_decoded_again"] = stats.get("batches_decoded_again", 0) + 1
             sampler.defer_fallback = False
             try:
-                with deferred_syncs.seeded(device, seed):
-                    out = attempt(ids, mask, settings)
+                out = attempt(ids, mask, settings, seed)
             finally:
                 sampler.defer_fallback = True
         decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
