@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adl_llm.batching import Batch, collate
+from adl_llm.batching import Batch, collate, collate_packed
 from adl_llm.encode import IGNORE, Encoded
 
 LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits per chunk (256 MiB): 256 positions of a 262k vocabulary
@@ -83,12 +83,15 @@ def answer_nll(model, batch: Batch, prefix: SharedPrefix | None = None) -> Answe
     Position t predicts token t+1; the logits are those of the model's own head (`get_output_embeddings`, with
     Gemma's final soft-capping where the config sets it). A head that trains (LoRA on `lm_head`, a trained bias)
     goes through plain autograd, still a chunk of positions at a time in the forward pass. With a `prefix`, the
-    batch holds what follows it and attends to its cache (evaluation only).
+    batch holds what follows it and attends to its cache (evaluation only). A packed batch (`collate_packed`) gives
+    the model its position ids instead of its attention mask.
     """
     scored = batch.labels[:, 1:] != IGNORE
     rows, columns = scored.nonzero(as_tuple=True)
     targets = batch.labels[:, 1:][rows, columns]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if batch.position_ids is not None:  # packed: transformers keeps the examples apart by their positions, given no
+        inputs.update(attention_mask=None, position_ids=batch.position_ids)  # mask (masking_utils)
     if prefix is not None:
         before = batch.attention_mask.new_ones(len(batch.input_ids), prefix.length)
         inputs["attention_mask"] = torch.cat([before, batch.attention_mask], dim=1)
@@ -158,16 +161,25 @@ class _ChunkedNLL(torch.autograd.Function):
 
 
 def accumulate_gradients(
-    model, micro_batches: Sequence[Sequence[Encoded]], n_scored: int, pad_id: int, device, multiple: int = 1
+    model,
+    micro_batches: Sequence[Sequence[Encoded]],
+    n_scored: int,
+    pad_id: int,
+    device,
+    multiple: int = 1,
+    *,
+    packed: bool = False,
 ) -> tuple[float, int]:
     """Add the gradient of (summed answer-token NLL of `micro_batches`) / `n_scored`, the step's answer tokens.
+    `packed`: each micro-batch is one packed row (collate_packed), not right-padded rows.
 
     Returns the summed NLL and the input tokens of these micro-batches.
     """
     total_nll = torch.zeros((), device=device)
     tokens = 0
+    gather = collate_packed if packed else collate
     for examples in micro_batches:
-        batch = collate(examples, pad_id, device, multiple=multiple)
+        batch = gather(examples, pad_id, device, multiple=multiple)
         nll = answer_nll(model, batch).nll.sum()
         (nll / max(1, n_scored)).backward()
         total_nll += nll.detach()

@@ -12,7 +12,8 @@ Padded to its longest example, a step of 16 of the report's examples is half pad
 one, Gemma's tokenizer, 64-column widths). Cutting a step into more, less padded passes where two timed passes said
 a pass cost little beyond its tokens was tried, and measured slower on an H200 (the 7B shape's compiled steps at
 the default budget 0.99x TRL + Liger with it, 1.38x without; more pass shapes, more compiled variants): a step
-takes as few micro-batches as fit (docs/BENCHMARKS.md).
+takes as few micro-batches as fit (docs/BENCHMARKS.md). Packed passes (`train.packing`, packing.py) drop the
+padding instead: a micro-batch is then one row of examples end to end, filled up to the same token budget.
 
 `plan_micro_batches` leaves the model as it found it; `train()` applies the plan and logs it.
 """
@@ -33,6 +34,7 @@ from adl_llm.encode import Encoded
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
+from adl_llm.packing import ROW_TOKENS, deal_by_tokens, pack_rows
 
 log = logging.getLogger(__name__)
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
@@ -45,27 +47,33 @@ class MicroBatchPlan:
     tokens: int  # padded tokens per micro-batch (0 with a fixed cut, which counts examples instead)
     multiple: int  # micro-batch widths are rounded up to this
     gradient_checkpointing: bool
+    packed: bool = False  # each micro-batch one packed row (packing.py)
 
 
-def rank_share(batch: Sequence[Encoded], tc: TrainConfig) -> list[Encoded]:
+def rank_share(batch: Sequence[Encoded], tc: TrainConfig, packed: bool = False) -> list[Encoded]:
     """This process's examples of a step. Under data parallelism with the automatic cut, the step's examples dealt
-    longest first, so every rank's share has about the same longest example and padded work (a rank waits for the
-    slowest at the gradient sum); a fixed cut keeps the data order, as the report's loop did."""
+    longest first, so every rank does about the same work (a rank waits for the slowest at the gradient sum): with
+    padded passes, every rank's share has about the same longest example; with packed ones, about the same tokens.
+    A fixed cut keeps the data order, as the report's loop did."""
     if world_size() == 1:
         return list(batch)
     if tc.examples_per_micro_batch(world_size()):
         return list(batch[rank() :: world_size()])
+    if packed:
+        return deal_by_tokens(batch, world_size(), rank())
     return sorted(batch, key=lambda ex: -len(ex.input_ids))[rank() :: world_size()]
 
 
 def split_step(
-    batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1
+    batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1, packed: bool = False
 ) -> list[list[Encoded]]:
     """The micro-batches of one process's share of a step: of `micro_batch_tokens` padded tokens at most, as few as
-    fit."""
+    fit; `packed`: each a packed row of at most packing.ROW_TOKENS of them."""
     fixed = tc.examples_per_micro_batch(world_size())
     if fixed:
         return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
+    if packed:
+        return pack_rows(batch, min(micro_batch_tokens or ROW_TOKENS, ROW_TOKENS), multiple)
     micro_batches: list[list[Encoded]] = []
     for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
         # Longest first, so a micro-batch's padded size is its first example's padded length times its size.
@@ -77,19 +85,22 @@ def split_step(
     return micro_batches
 
 
-def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> MicroBatchPlan:
-    """Padded tokens per micro-batch and whether to checkpoint: given, a CPU default, or measured on the GPU."""
+def plan_micro_batches(
+    model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device, packed: bool = False
+) -> MicroBatchPlan:
+    """Padded tokens per micro-batch and whether to checkpoint: given, a CPU default, or measured on the GPU (with
+    packed passes where `packed`)."""
     multiple = pad_multiple(tc.pad_to_multiple, device)
     asked = bool(tc.gradient_checkpointing)
     if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
-        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked)
+        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked, packed)
     if device.type != "cuda":
-        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked)
+        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked, packed)
     longest = max(examples, key=lambda ex: len(ex.input_ids))
     length = padded_width(len(longest.input_ids), multiple)
     # This process's share of the first steps of an epoch, as split_step will cut them.
     shares = [
-        rank_share([examples[i] for i in step], tc)
+        rank_share([examples[i] for i in step], tc, packed)
         for step in epoch_batches(len(examples), tc.batch_size, 0, 0)[:PLANNED_STEPS]
     ]
 
@@ -97,20 +108,20 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
         """Mean micro-batches a step with `tokens` each, or infinity where the longest example does not fit."""
         if not tokens or tokens < length:
             return math.inf
-        return sum(len(split_step(share, tc, tokens, multiple)) for share in shares) / len(shares)
+        return sum(len(split_step(share, tc, tokens, multiple, packed)) for share in shares) / len(shares)
 
     def measured(checkpointing: bool) -> int | None:
-        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing)
+        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, packed)
 
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        return MicroBatchPlan(max(plain or 0, length), multiple, False)
+        return MicroBatchPlan(max(plain or 0, length), multiple, False, packed)
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            return MicroBatchPlan(max(plain, length), multiple, False)
+            return MicroBatchPlan(max(plain, length), multiple, False, packed)
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -118,11 +129,11 @@ def plan_micro_batches(model, examples: Sequence[Encoded], tc: TrainConfig, pad_
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
-    return MicroBatchPlan(max(checkpointed, length), multiple, True)
+    return MicroBatchPlan(max(checkpointed, length), multiple, True, packed)
 
 
 def _measured_tokens(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool, packed: bool
 ) -> int | None:
     """Padded tokens per micro-batch that fit train.memory_budget_gb; None if the probe runs out of memory.
 
@@ -130,19 +141,21 @@ def _measured_tokens(
     was_on = gradient_checkpointing_on(model)
     set_gradient_checkpointing(model, checkpointing)
     try:
-        return _measure(model, longest, tc, pad_id, device, multiple)
+        return _measure(model, longest, tc, pad_id, device, multiple, packed)
     finally:
         set_gradient_checkpointing(model, was_on)
 
 
-def _measure(model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int) -> int | None:
+def _measure(
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, packed: bool = False
+) -> int | None:
     length = padded_width(len(longest.input_ids), multiple)
     limit = memory_limit(tc.memory_budget_gb, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
     try:
-        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple) - base for n in (1, 2))
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple, packed) - base for n in (1, 2))
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
@@ -161,9 +174,9 @@ def _measure(model, longest: Encoded, tc: TrainConfig, pad_id: int, device, mult
     return tokens
 
 
-def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int) -> int:
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int, packed: bool) -> int:
     """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
     torch.cuda.reset_peak_memory_stats(device)
-    accumulate_gradients(model, [examples], 1, pad_id, device, multiple)
+    accumulate_gradients(model, [examples], 1, pad_id, device, multiple, packed=packed)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device)

@@ -34,6 +34,7 @@ from adl_llm.micro_batches import MicroBatchPlan, plan_micro_batches, rank_share
 from adl_llm.modeling import set_gradient_checkpointing, weight_dtype
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
 from adl_llm.optim import make_optimizer, make_scheduler
+from adl_llm.packing import packs
 from adl_llm.precision import autocast_forward
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     scheduler = make_scheduler(cfg.schedule, optimizer, total)
     checkpoints = run_dir / "checkpoints"
     state = _resume(model, cfg, checkpoints, optimizer, scheduler, device, total)
+    packed = packs(tc.packing, model, examples, device)  # before the CPU NF4 path is restored: its probe runs in eval
 
     restore_cpu_nf4_training_path(model)
     model.train()
@@ -74,7 +76,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, compiles, tc.compile_mode) as compiled,
         ):
-            plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device)
+            plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device, packed)
             plan = compiled.run(plan_passes)
 
             def eager_plan() -> None:  # the eager layers may need more memory a pass than the compiled ones
@@ -92,8 +94,11 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
 
                 def step_gradients(batch=batch, n_scored=n_scored) -> tuple[float, int]:
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
-                    micro_batches = split_step(rank_share(batch, tc), tc, plan.tokens, plan.multiple)
-                    return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple)
+                    share = rank_share(batch, tc, plan.packed)
+                    micro_batches = split_step(share, tc, plan.tokens, plan.multiple, plan.packed)
+                    return accumulate_gradients(
+                        model, micro_batches, n_scored, pad_id, device, plan.multiple, packed=plan.packed
+                    )
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)
                 state.compiled_steps += compiled.count > 0
@@ -122,9 +127,9 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     return state
 
 
-def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device) -> MicroBatchPlan:
+def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, device, packed: bool) -> MicroBatchPlan:
     """The micro-batches and checkpointing of the passes to come (measured on a GPU), set on the model and logged."""
-    plan = plan_micro_batches(model, examples, tc, pad_id, device)
+    plan = plan_micro_batches(model, examples, tc, pad_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
     log.info(
         "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",

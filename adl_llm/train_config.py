@@ -88,6 +88,7 @@ class TrainConfig:
     max_grad_norm: float
     gradient_checkpointing: bool | None
     pad_to_multiple: int | None
+    packing: bool | None
     dequantize_base: bool | None
     compile: bool | None
     compile_mode: str

@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh bench7b                # the 7B shape: perplexity and generation too
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
+#   bash bench/gpu_session.sh decode_greedy          # greedy only: fast, plain, and plain in batches of 64
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
 #   bash bench/gpu_session.sh profile_decode7b       # where the 7B shape's decoding step spends its time
 #   DECODE=report BEAMS=5 bash bench/gpu_session.sh profile_decode  # where a decoding step spends its time
@@ -204,17 +205,21 @@ decode() {
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
   decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
-  decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
-  decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
-  # The plain path against itself in batches of 64 (other widths, other sums): how many of its own greedy answers
-  # keep their text, the yardstick for the fast path's "same text as plain"
-  decode_run greedy-plain64 "${a[@]}" gen=greedy "${PLAIN[@]}" gen.batch_size=64
   if [ -n "${PIECES:-}" ]; then  # each piece alone (PIECES=1)
     decode_run sampling-default -m "${a[@]}" gen.beams=1,3,5  # a GPU's default path: the weights dequantised
     decode_run greedy-dequantize "${a[@]}" gen=greedy  # the default path
     decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
     decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
   fi
+  decode_greedy
+}
+decode_greedy() {  # greedy alone: the fast path, the plain one, and the plain one in batches of 64
+  local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
+  decode_run greedy-fast "${a[@]}" gen=greedy gen.compile=true
+  decode_run greedy-plain "${a[@]}" gen=greedy "${PLAIN[@]}"
+  # The plain path against itself in batches of 64 (other widths, other sums): how many of its own greedy answers
+  # keep their text, the yardstick for the fast path's "same text as plain"
+  decode_run greedy-plain64 "${a[@]}" gen=greedy "${PLAIN[@]}" gen.batch_size=64
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 

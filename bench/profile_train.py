@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from adl_llm.modeling import (
     set_gradient_checkpointing,
 )
 from adl_llm.nf4 import dequantized_base, restore_cpu_nf4_training_path
+from adl_llm.packing import packs
 from adl_llm.prompts import build_prompts
 from adl_llm.tasks import model_settings
 from bench import measure
@@ -70,6 +72,7 @@ def main(argv=None) -> None:
     examples = encode_examples(tokenizer, prompts, [r.output for r in records], cfg.train.max_length)
     compile_on = args.compile or args.compile_mode is not None
     model = add_lora(load_model(model_settings(cfg, compiled=compile_on), source=source), cfg.lora)
+    packed = packs(cfg.train.packing, model, examples, next(model.parameters()).device)  # as train() decides it
     restore_cpu_nf4_training_path(model)
     model.train()
     device = next(model.parameters()).device
@@ -80,17 +83,28 @@ def main(argv=None) -> None:
     limit = memory_limit(cfg.train.memory_budget_gb, device)
     defaults.enter_context(dequantized_base(model, enabled=cfg.train.dequantize_base, memory_limit=limit))
     defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
-    plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device)
+    plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
-    micro_batches = split_step(rank_share(examples, cfg.train), cfg.train, plan.tokens, plan.multiple)
+    share = rank_share(examples, cfg.train, packed)
+    micro_batches = split_step(share, cfg.train, plan.tokens, plan.multiple, packed)
+    accumulate = functools.partial(
+        accumulate_gradients,
+        model,
+        micro_batches,
+        n_scored,
+        tokenizer.pad_token_id,
+        device,
+        plan.multiple,
+        packed=packed,
+    )
 
     def one_pass() -> None:
-        accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)
+        accumulate()
         sum_gradients(trainable)
         model.zero_grad(set_to_none=True)
 
     def all_reduce() -> float:
-        accumulate_gradients(model, micro_batches, n_scored, tokenizer.pad_token_id, device, plan.multiple)
+        accumulate()
         measure.sync()
         barrier()  # both ranks ready: the time is the all-reduce's, not a wait for the slower rank
         measure.sync()

@@ -48,6 +48,8 @@ ABLATIONS = {
     "no_checkpointing": ("train.gradient_checkpointing=false",),  # never, even where it saves passes
     "cudnn_attention": ("model.cudnn_attention=true",),  # PyTorch's default attention kernel on an H100/H200
     "unbucketed": ("train.pad_to_multiple=1",),  # passes padded to their longest example only
+    "unpacked": ("train.packing=false",),  # right-padded passes, not packed rows
+    "unpacked_budget40": ("train.packing=false", "train.memory_budget_gb=40"),
     "nf4_each_pass": ("train.dequantize_base=false",),  # bitsandbytes dequantising twice a pass
     "budget40": ("train.memory_budget_gb=40",),  # memory to spare: a 7B's dequantised base, no checkpointing
     # The default compiles the decoder layers on a GPU; these are the eager path (with Liger's kernels) beside it.

@@ -14,7 +14,7 @@ from adl_llm.config import DType, GenConfig, ModelConfig, Quant
 from adl_llm.decoding import encode_prompts, generate_from_ids
 from adl_llm.modeling import load_model
 from adl_llm.nf4 import is_dequantized, nf4_layers
-from tests.conftest import compose_config, read_json, tiny_overrides
+from tests.conftest import compose_config, read_json, tiny_gemma3, tiny_overrides
 
 PROMPTS = [
     "USER: 子曰 ASSISTANT:",
@@ -158,29 +158,6 @@ def test_only_the_decode_step_is_compiled(tiny, monkeypatch):
     assert "forward" not in vars(model)  # the model's own forward again
 
 
-def _tiny_gemma3(tokenizer, sliding_window: int):
-    """A 2-layer Gemma 3 of random weights, one sliding-window layer and one full: transformers' static cache keeps
-    a Python count in the sliding one."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=sliding_window,
-        layer_types=["sliding_attention", "full_attention"],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return Gemma3ForCausalLM(config).eval()
-
-
 def _compiles(model, tokenizer, encoded, gen, monkeypatch) -> tuple[list[str], dict, int, list[bool]]:
     """Decode on the compiled path with a backend that counts the graphs compiled (run as traced, no inductor);
     the answers, stats, count, and whether each compiled call was given position_ids."""
@@ -220,7 +197,7 @@ def test_a_compiled_job_compiles_its_step_once_whatever_it_decodes(tiny, archite
     cache new tensors, and generate passed no positions to the compiled step), and the plain path's text."""
     model, tokenizer, encoded = tiny
     if architecture == "gemma3":
-        model = _tiny_gemma3(tokenizer, sliding_window=512)
+        model = tiny_gemma3(tokenizer, sliding_window=512)
     counts = []
     for new_tokens in (4, 8):
         gen = _gen(beams=beams, batch_size=4, max_new_tokens=new_tokens, stop_strings=[])
@@ -281,7 +258,7 @@ def test_a_sweep_over_beams_compiles_its_step_once(tiny_model_dir, tiny, archite
     with torch._dynamo.config.patch(recompile_limit=100):
         for beams in (1, 3, 5):
             if architecture == "gemma3":
-                model = _tiny_gemma3(tokenizer, sliding_window=512)
+                model = tiny_gemma3(tokenizer, sliding_window=512)
             else:
                 model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
             gen = _gen(beams=beams, batch_size=4, max_new_tokens=6, stop_strings=[])
@@ -333,7 +310,7 @@ def test_a_sliding_window_shorter_than_the_job_is_decoded_uncompiled(tiny, monke
     """Where the window would slide within a job, the sliding layer's count would recompile the step at every token:
     transformers' own static cache then, not compiled, and the log says so."""
     _, tokenizer, encoded = tiny
-    model = _tiny_gemma3(tokenizer, sliding_window=16)
+    model = tiny_gemma3(tokenizer, sliding_window=16)
     gen = _gen(batch_size=4, max_new_tokens=8, stop_strings=[])
     plain = generate_from_ids(model, tokenizer, encoded, gen, progress=False)
     with caplog.at_level(logging.INFO):
