@@ -1,5 +1,5 @@
 """Batches: which examples form each optimiser step, and tensors of them: right-padded rows, their widths rounded up to
-a few sizes on a GPU, or one packed row of several examples (`train.packing`, packing.py)."""
+a few sizes on a GPU, or rows of several examples end to end (`train.packing`, packing.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L], 0 on pads
     labels: torch.Tensor  # [B, L], IGNORE on the prompt and pads
     # Packed rows: each example's positions from 0, so the model keeps the examples of a row apart (the model gets
-    # these instead of the attention mask, which then only marks the padding at the row's end).
+    # these instead of the attention mask, which then only marks the padding at the rows' ends).
     position_ids: torch.Tensor | None = None
 
     @property
@@ -57,30 +57,6 @@ def collate(
         attention_mask=pad_right([[1] * len(ex.input_ids) for ex in examples], 0, multiple).to(device),
         labels=pad_right([ex.labels for ex in examples], IGNORE, multiple).to(device),
     )
-
-
-def collate_packed(
-    examples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu", *, multiple: int = 1
-) -> Batch:
-    """One row: the examples end to end, each numbered from position 0, then padding up to a multiple of `multiple`
-    columns, numbered from 0 as well (so it is a sequence of its own). Each example's first token is left out of the
-    loss: in the row, the token before it is the previous example's last."""
-    ids: list[int] = []
-    positions: list[int] = []
-    labels: list[int] = []
-    for ex in examples:
-        ids += ex.input_ids
-        positions += range(len(ex.input_ids))
-        labels += [IGNORE, *ex.labels[1:]]
-    real = len(ids)
-    tail = padded_width(real, multiple) - real
-    row = {
-        "input_ids": ids + [pad_id] * tail,
-        "attention_mask": [1] * real + [0] * tail,
-        "labels": labels + [IGNORE] * tail,
-        "position_ids": positions + list(range(tail)),
-    }
-    return Batch(**{key: torch.tensor([value], dtype=torch.long, device=device) for key, value in row.items()})
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

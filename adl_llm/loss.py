@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adl_llm.batching import Batch, collate, collate_packed
+from adl_llm.batching import Batch, collate
 from adl_llm.encode import IGNORE, Encoded
+from adl_llm.packing import collate_packed
 
 LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits per chunk (256 MiB): 256 positions of a 262k vocabulary
 
@@ -169,17 +171,20 @@ def accumulate_gradients(
     multiple: int = 1,
     *,
     packed: bool = False,
+    break_even: float = math.inf,
 ) -> tuple[float, int]:
     """Add the gradient of (summed answer-token NLL of `micro_batches`) / `n_scored`, the step's answer tokens.
-    `packed`: each micro-batch is one packed row (collate_packed), not right-padded rows.
+    `packed`: each micro-batch in packed rows (packing.collate_packed, given `break_even`), not right-padded ones.
 
     Returns the summed NLL and the input tokens of these micro-batches.
     """
     total_nll = torch.zeros((), device=device)
     tokens = 0
-    gather = collate_packed if packed else collate
     for examples in micro_batches:
-        batch = gather(examples, pad_id, device, multiple=multiple)
+        if packed:
+            batch = collate_packed(examples, pad_id, device, multiple=multiple, break_even=break_even)
+        else:
+            batch = collate(examples, pad_id, device, multiple=multiple)
         nll = answer_nll(model, batch).nll.sum()
         (nll / max(1, n_scored)).backward()
         total_nll += nll.detach()

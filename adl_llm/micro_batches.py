@@ -34,7 +34,7 @@ from adl_llm.encode import Encoded
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
-from adl_llm.packing import ROW_TOKENS, deal_by_tokens, pack_rows
+from adl_llm.packing import attention_break_even, deal_by_tokens, pack_rows
 
 log = logging.getLogger(__name__)
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
@@ -47,7 +47,8 @@ class MicroBatchPlan:
     tokens: int  # padded tokens per micro-batch (0 with a fixed cut, which counts examples instead)
     multiple: int  # micro-batch widths are rounded up to this
     gradient_checkpointing: bool
-    packed: bool = False  # each micro-batch one packed row (packing.py)
+    packed: bool = False  # each micro-batch in packed rows (packing.py)
+    break_even: float = math.inf  # packed rows: packing.attention_break_even of the model
 
 
 def rank_share(batch: Sequence[Encoded], tc: TrainConfig, packed: bool = False) -> list[Encoded]:
@@ -68,12 +69,12 @@ def split_step(
     batch: Sequence[Encoded], tc: TrainConfig, micro_batch_tokens: int, multiple: int = 1, packed: bool = False
 ) -> list[list[Encoded]]:
     """The micro-batches of one process's share of a step: of `micro_batch_tokens` padded tokens at most, as few as
-    fit; `packed`: each a packed row of at most packing.ROW_TOKENS of them."""
+    fit; `packed`: of at most `micro_batch_tokens` real tokens, put in rows as packing.collate_packed puts them."""
     fixed = tc.examples_per_micro_batch(world_size())
     if fixed:
         return [list(batch[i : i + fixed]) for i in range(0, len(batch), fixed)]
     if packed:
-        return pack_rows(batch, min(micro_batch_tokens or ROW_TOKENS, ROW_TOKENS), multiple)
+        return pack_rows(batch, micro_batch_tokens, multiple)
     micro_batches: list[list[Encoded]] = []
     for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
         # Longest first, so a micro-batch's padded size is its first example's padded length times its size.
@@ -92,10 +93,11 @@ def plan_micro_batches(
     packed passes where `packed`)."""
     multiple = pad_multiple(tc.pad_to_multiple, device)
     asked = bool(tc.gradient_checkpointing)
+    rows = {"packed": packed, "break_even": attention_break_even(model) if packed else math.inf}
     if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
-        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked, packed)
+        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked, **rows)
     if device.type != "cuda":
-        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked, packed)
+        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked, **rows)
     longest = max(examples, key=lambda ex: len(ex.input_ids))
     length = padded_width(len(longest.input_ids), multiple)
     # This process's share of the first steps of an epoch, as split_step will cut them.
@@ -111,17 +113,17 @@ def plan_micro_batches(
         return sum(len(split_step(share, tc, tokens, multiple, packed)) for share in shares) / len(shares)
 
     def measured(checkpointing: bool) -> int | None:
-        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, packed)
+        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, rows)
 
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        return MicroBatchPlan(max(plain or 0, length), multiple, False, packed)
+        return MicroBatchPlan(max(plain or 0, length), multiple, False, **rows)
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            return MicroBatchPlan(max(plain, length), multiple, False, packed)
+            return MicroBatchPlan(max(plain, length), multiple, False, **rows)
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -129,11 +131,11 @@ def plan_micro_batches(
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
-    return MicroBatchPlan(max(checkpointed, length), multiple, True, packed)
+    return MicroBatchPlan(max(checkpointed, length), multiple, True, **rows)
 
 
 def _measured_tokens(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool, packed: bool
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool, rows: dict
 ) -> int | None:
     """Padded tokens per micro-batch that fit train.memory_budget_gb; None if the probe runs out of memory.
 
@@ -141,13 +143,13 @@ def _measured_tokens(
     was_on = gradient_checkpointing_on(model)
     set_gradient_checkpointing(model, checkpointing)
     try:
-        return _measure(model, longest, tc, pad_id, device, multiple, packed)
+        return _measure(model, longest, tc, pad_id, device, multiple, rows)
     finally:
         set_gradient_checkpointing(model, was_on)
 
 
 def _measure(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, packed: bool = False
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, rows: dict | None = None
 ) -> int | None:
     length = padded_width(len(longest.input_ids), multiple)
     limit = memory_limit(tc.memory_budget_gb, device)
@@ -155,7 +157,7 @@ def _measure(
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
     try:
-        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple, packed) - base for n in (1, 2))
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple, rows or {}) - base for n in (1, 2))
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
@@ -174,9 +176,9 @@ def _measure(
     return tokens
 
 
-def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int, packed: bool) -> int:
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int, rows: dict) -> int:
     """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
     torch.cuda.reset_peak_memory_stats(device)
-    accumulate_gradients(model, [examples], 1, pad_id, device, multiple, packed=packed)
+    accumulate_gradients(model, [examples], 1, pad_id, device, multiple, **rows)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device)

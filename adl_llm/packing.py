@@ -1,33 +1,47 @@
-"""Packed passes (`train.packing`): the examples of a micro-batch end to end in one row, no padding computed.
+"""Packed passes (`train.packing`): the examples of a micro-batch end to end in rows, no padding computed.
 
 Padded to its longest example, a step of 16 of the report's examples is half padding (2.0 padded tokens a real one,
 Gemma's tokenizer, 64-column widths), and every padded token costs a 7B as much as a real one. Packed, a pass holds
-only real tokens (and at most `multiple` - 1 of padding at the row's end). The examples stay apart through
-transformers' own handling of packed rows: given position ids that restart at 0 and no attention mask, the model's
-mask lets each token attend only to its own example (`masking_utils.find_packed_sequence_indices`; the same path as
-transformers' `DataCollatorWithFlattening`). The loss is the padded passes' up to rounding: each position still
-predicts the next token of its own example.
+only real tokens (and the rounding of its rows to one width). The examples stay apart through transformers' own
+handling of packed rows: given position ids that restart at 0 and no attention mask, the model's mask lets each token
+attend only to its own example (`masking_utils.find_packed_sequence_indices`; the same path as transformers'
+`DataCollatorWithFlattening`). The loss is the padded passes' up to rounding: each position still predicts the next
+token of its own example.
 
-A model whose attention ignores that (an older architecture, a custom one) would silently let examples attend to
-each other, so before a run packs, `keeps_examples_apart` checks it on the model itself: an example's hidden states
-in a packed row must be its own, far closer to them than where it attends to the example before it.
+That mask is dense, [row, row], and SDPA computes attention over all of it: in one 2,103-token row, the 7B shape's
+step spent 104 ms in attention against 127 ms in its matrix products (an H200). So a micro-batch is cut into the
+number of rows of about equal tokens that costs least by the model's shape (`packed_rows`,
+`attention_break_even`): the 7B shape's rows pay from about 2,600 tokens wide, the Gemma-3-270M's from about 280.
+Flex attention (transformers' `flex_attention`, block-sparse masks) was measured instead and trained the 7B shape
+slower: 5,677 tokens/s against 7,474 (docs/BENCHMARKS.md).
+
+A model whose attention ignores packed position ids (an older architecture, a custom one) would silently let
+examples attend to each other, so before a run packs, `keeps_examples_apart` checks it on the model itself: an
+example's hidden states in a packed row must be its own, far closer to them than where it attends to the example
+before it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
 
-from adl_llm.batching import padded_width
-from adl_llm.encode import Encoded
+from adl_llm.batching import Batch, padded_width
+from adl_llm.encode import IGNORE, Encoded
 from adl_llm.errors import first_line
 
 log = logging.getLogger(__name__)
 # Tokens of one packed row at most: the model's mask of a packed row is dense, [row, row] (a 4096-token row: 16 MiB
-# of booleans, and attention computed over all of it: by FLOP count about 15% of a 7B's pass at 4096 tokens).
+# of booleans a row, and attention computed over all of it).
 ROW_TOKENS = 4096
+# The time of a (query, key) pair of dense masked attention for each unit of attention width, over the time of a
+# token for each weight of the linear layers (forward, recompute and backward of both). Measured on an H200 with the
+# 7B shape's compiled, checkpointed step: a 2,103-token packed row spent 127 ms in matrix products and 104 ms in
+# SDPA's memory-efficient attention with the row's mask (docs/bench/profile-llama7b-step-packed.txt).
+ATTENTION_PAIR_COST = 9.6
 # An example's hidden states in a packed row may be this far from its own, as a fraction of how far they are where
 # it attends to the example before it (bf16 rounding: a few percent of that; a model that ignores the packing: all).
 LEAK_FRACTION = 0.25
@@ -49,7 +63,7 @@ def packs(setting: bool | None, model, examples: Sequence[Encoded], device: torc
     if refused:
         log.warning("packed passes: off, %s; training on padded passes", refused)
         return False
-    log.info("packed passes: on (rows of up to %d tokens)", ROW_TOKENS)
+    log.info("packed passes: on")
     return True
 
 
@@ -92,34 +106,96 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
-def pack_rows(examples: Sequence[Encoded], row_tokens: int, multiple: int = 1) -> list[list[Encoded]]:
-    """The examples in as few packed rows of at most `row_tokens` padded tokens as first fit finds, longest first
-    (an example longer than that takes a row of its own)."""
-    rows: list[list[Encoded]] = []
+def pack_rows(examples: Sequence[Encoded], budget: int, multiple: int = 1) -> list[list[Encoded]]:
+    """The examples in as few groups of at most `budget` tokens (each rounded up to `multiple`) as first fit finds,
+    longest first (an example longer than that takes a group of its own): the micro-batches of a packed step."""
+    groups: list[list[Encoded]] = []
     used: list[int] = []
     for ex in sorted(examples, key=lambda ex: -len(ex.input_ids)):
         length = len(ex.input_ids)
-        fits = (i for i, tokens in enumerate(used) if padded_width(tokens + length, multiple) <= row_tokens)
+        fits = (i for i, tokens in enumerate(used) if padded_width(tokens + length, multiple) <= budget)
         slot = next(fits, None)
         if slot is None:
-            rows.append([ex])
+            groups.append([ex])
             used.append(length)
         else:
-            rows[slot].append(ex)
+            groups[slot].append(ex)
             used[slot] += length
-    return rows
+    return groups
+
+
+def balance(examples: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
+    """The examples in `parts` groups of about equal tokens: longest first, each to the group with the fewest tokens
+    so far (the first such group on a tie)."""
+    loads = [0] * parts
+    groups: list[list[Encoded]] = [[] for _ in range(parts)]
+    for ex in sorted(examples, key=lambda ex: -len(ex.input_ids)):
+        least = loads.index(min(loads))
+        groups[least].append(ex)
+        loads[least] += len(ex.input_ids)
+    return groups
 
 
 def deal_by_tokens(batch: Sequence[Encoded], ranks: int, rank: int) -> list[Encoded]:
-    """Rank `rank`'s share of a step whose passes are packed, so cost the tokens they hold: longest first, each
-    example to the rank with the fewest tokens so far (the lowest such rank on a tie), the same on every rank."""
-    loads = [0] * ranks
-    shares: list[list[Encoded]] = [[] for _ in range(ranks)]
-    for ex in sorted(batch, key=lambda ex: -len(ex.input_ids)):
-        least = loads.index(min(loads))
-        shares[least].append(ex)
-        loads[least] += len(ex.input_ids)
-    return shares[rank]
+    """Rank `rank`'s share of a step whose passes are packed, so cost the tokens they hold (`balance`), the same on
+    every rank."""
+    return balance(batch, ranks)[rank]
+
+
+def packed_rows(examples: Sequence[Encoded], multiple: int = 1, break_even: float = math.inf) -> list[list[Encoded]]:
+    """The rows of a packed micro-batch: the count of rows of about equal tokens (`balance`) whose cost is least,
+    each row's cost being its padded width times (1 + width / `break_even`): the linear layers' work a token, and the
+    dense mask's attention over the width. Rows wider than ROW_TOKENS are left out where narrower ones are possible;
+    ties keep fewer rows."""
+    best: list[list[Encoded]] = [list(examples)]
+    best_cost = math.inf
+    for count in range(1, len(examples) + 1):
+        rows = balance(examples, count)
+        width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
+        cost = count * width * (1 + width / break_even) + (math.inf if width > ROW_TOKENS else 0)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def collate_packed(
+    examples: Sequence[Encoded],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    *,
+    multiple: int = 1,
+    break_even: float = math.inf,
+) -> Batch:
+    """The examples end to end in rows (`packed_rows`), each example numbered from position 0; each row padded up to
+    the widest, rounded up to a multiple of `multiple` columns, its padding numbered from 0 as well (a sequence of its
+    own). Each example's first token is left out of the loss: in a row, the token before it is another example's."""
+    rows = packed_rows(examples, multiple, break_even)
+    width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
+    for row in rows:
+        ids = [token for ex in row for token in ex.input_ids]
+        tail = width - len(ids)
+        columns["input_ids"].append(ids + [pad_id] * tail)
+        columns["attention_mask"].append([1] * len(ids) + [0] * tail)
+        columns["labels"].append([label for ex in row for label in (IGNORE, *ex.labels[1:])] + [IGNORE] * tail)
+        columns["position_ids"].append([i for ex in row for i in range(len(ex.input_ids))] + list(range(tail)))
+    return Batch(**{key: torch.tensor(value, dtype=torch.long, device=device) for key, value in columns.items()})
+
+
+def attention_break_even(model) -> float:
+    """The packed row width at which a row's dense attention costs as much as its linear layers, estimated from the
+    model's shape (math.inf, one row a micro-batch, where its config does not say it)."""
+    config = model.config.get_text_config()
+    try:
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        heads = config.num_attention_heads
+    except AttributeError:
+        return math.inf
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = heads * head_dim
+    weights = 2 * hidden * attention + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate  # a layer's
+    return weights / (ATTENTION_PAIR_COST * 2 * attention)  # attention: q.k and p.v, `attention` wide, a pair
 
 
 def _shown(setting: bool | None) -> str:

@@ -96,9 +96,8 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
                     share = rank_share(batch, tc, plan.packed)
                     micro_batches = split_step(share, tc, plan.tokens, plan.multiple, plan.packed)
-                    return accumulate_gradients(
-                        model, micro_batches, n_scored, pad_id, device, plan.multiple, packed=plan.packed
-                    )
+                    rows = {"packed": plan.packed, "break_even": plan.break_even}
+                    return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple, **rows)
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)
                 state.compiled_steps += compiled.count > 0
@@ -131,9 +130,15 @@ def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, devi
     """The micro-batches and checkpointing of the passes to come (measured on a GPU), set on the model and logged."""
     plan = plan_micro_batches(model, examples, tc, pad_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    if plan.packed:
+        size = f"up to {plan.tokens} tokens, in packed rows" if plan.tokens else "fixed sizes, in packed rows"
+        if math.isfinite(plan.break_even):  # packing.packed_rows: where more, narrower rows pay
+            size += f" (attention costs a row's linear layers at {plan.break_even:,.0f} tokens wide)"
+    else:
+        size = f"up to {plan.tokens} padded tokens" if plan.tokens else "fixed sizes"
     log.info(
         "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",
-        f"up to {plan.tokens} padded tokens" if plan.tokens else "fixed sizes",
+        size,
         plan.multiple,
         "on" if plan.gradient_checkpointing else "off",
     )

@@ -96,6 +96,7 @@ def main(argv=None) -> None:
         device,
         plan.multiple,
         packed=packed,
+        break_even=plan.break_even,
     )
 
     def one_pass() -> None:

@@ -4,6 +4,7 @@ passes, and the check that refuses a model whose attention would let packed exam
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 from transformers import AutoTokenizer, masking_utils
 
 from adl_llm import packing
-from adl_llm.batching import collate_packed
 from adl_llm.data import load_records
 from adl_llm.encode import IGNORE, Encoded, encode_examples
 from adl_llm.loss import accumulate_gradients
@@ -57,21 +57,54 @@ def _gemma3(tokenizer):
     return model
 
 
-def _gradients(model, passes, examples, *, packed: bool, multiple: int = 1):
+def _gradients(model, passes, examples, *, packed: bool, multiple: int = 1, break_even: float = math.inf):
     model.zero_grad(set_to_none=True)
     n_scored = sum(ex.n_scored for ex in examples)
-    loss, tokens = accumulate_gradients(model, passes, n_scored, 0, CPU, multiple, packed=packed)
+    loss, tokens = accumulate_gradients(model, passes, n_scored, 0, CPU, multiple, packed=packed, break_even=break_even)
     return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_a_packed_row_numbers_each_example_from_zero_and_scores_what_the_padded_rows_score():
     a, b = Encoded([5, 6, 7], [IGNORE, 6, 7], False), Encoded([8, 9], [8, 9], False)  # b: its first label set
-    batch = collate_packed([a, b], pad_id=0, multiple=4)
+    batch = packing.collate_packed([a, b], pad_id=0, multiple=4)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # the padding is a sequence of its own
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]] and batch.n_tokens == 5
     # b's first token is not predicted from a's last: the same tokens scored as in b's own padded row
     assert batch.labels.tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE, IGNORE, IGNORE]]
+
+
+def test_a_micro_batch_takes_the_rows_whose_width_and_attention_cost_least():
+    def lengths(rows):
+        return [[len(ex.input_ids) for ex in row] for row in rows]
+
+    four = [Encoded([1] * 300, [1] * 300, False) for _ in range(4)]
+    assert lengths(packing.packed_rows(four)) == [[300] * 4]  # no attention cost: one row, no padding
+    assert lengths(packing.packed_rows(four, break_even=300)) == [[300]] * 4  # 2,400 against 3,600 in 2 and 6,000
+    uneven = [Encoded([1] * n, [1] * n, False) for n in (500, 60, 200, 240, 100, 20)]
+    assert lengths(packing.packed_rows(uneven)) == [[500, 240, 200, 100, 60, 20]]
+    # rows of 1,120, 560 and 500 tokens: 3,211, 2,165 and 2,750 (3 rows: one as wide as the 500 alone)
+    assert lengths(packing.packed_rows(uneven, break_even=600)) == [[500, 60], [240, 200, 100, 20]]
+    wide = [Encoded([1] * 3000, [1] * 3000, False)] * 2  # one row of 6,000 is past ROW_TOKENS
+    assert lengths(packing.packed_rows(wide)) == [[3000], [3000]]
+    batch = packing.collate_packed(uneven, pad_id=0, multiple=64, break_even=600)
+    assert batch.input_ids.shape == (2, 576) and batch.n_tokens == 1120  # both rows as wide as the wider, rounded
+    assert batch.position_ids[0].tolist() == list(range(500)) + list(range(60)) + list(range(16))
+    assert batch.position_ids[1, 235:245].tolist() == [235, 236, 237, 238, 239, 0, 1, 2, 3, 4]
+    assert batch.attention_mask.sum(dim=1).tolist() == [560, 560]
+
+
+def test_the_attention_break_even_follows_the_models_shape():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    llama7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    gemma270m = Gemma3TextConfig(
+        hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256
+    )
+    widths = [packing.attention_break_even(SimpleNamespace(config=config)) for config in (llama7b, gemma270m)]
+    assert widths == [pytest.approx(2573, abs=1), pytest.approx(283, abs=1)]
+    unknown = SimpleNamespace(get_text_config=lambda: SimpleNamespace(hidden_size=64))
+    assert packing.attention_break_even(SimpleNamespace(config=unknown)) == math.inf  # one row a micro-batch
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
@@ -81,8 +114,12 @@ def test_packed_passes_give_the_loss_and_gradients_of_padded_ones(architecture, 
     assert grads and all(g.abs().max() > 0 for g in grads.values())
     rows = packing.pack_rows(examples, 700, multiple=16)
     assert len(rows) > 2 and sorted(id(ex) for row in rows for ex in row) == sorted(map(id, examples))
-    for passes, multiple in ((rows, 16), ([examples], 1)):
-        packed_loss, packed_tokens, packed_grads = _gradients(model, passes, examples, packed=True, multiple=multiple)
+    for passes, multiple, break_even in ((rows, 16, math.inf), ([examples], 1, math.inf), ([examples], 16, 64)):
+        if break_even < math.inf:  # several rows of one micro-batch, padded to one width
+            assert len(packing.packed_rows(examples, multiple, break_even)) > 2
+        packed_loss, packed_tokens, packed_grads = _gradients(
+            model, passes, examples, packed=True, multiple=multiple, break_even=break_even
+        )
         assert packed_loss == pytest.approx(loss, rel=1e-5) and packed_tokens == tokens
         for name, grad in grads.items():  # float32 rounding is ~1e-6; one example seeing another: ~1e-1
             assert (grad - packed_grads[name]).norm() / grad.norm() < 1e-4, name
@@ -98,7 +135,7 @@ def test_a_model_that_would_let_packed_examples_attend_to_each_other_is_refused(
     # As an architecture that builds its mask from the attention mask alone: one causal mask over the whole row
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     leaked, *_ = _gradients(model, [examples], examples, packed=True)
-    assert leaked != pytest.approx(reference, rel=1e-3)  # what packing without the check would silently train on
+    assert leaked != pytest.approx(reference, rel=1e-4)  # what packing without the check would silently train on
     refused = packing.keeps_examples_apart(model, examples, CPU)
     assert refused and "attend to each other" in refused
     with caplog.at_level(logging.INFO, logger="adl_llm.packing"):
@@ -122,15 +159,14 @@ def test_packing_is_off_on_a_cpu_unless_asked_and_refused_where_the_model_takes_
     assert refused.startswith("the model does not take packed rows (TypeError")
 
 
-def test_steps_are_packed_first_fit_within_the_row_budget():
+def test_steps_are_cut_first_fit_within_the_token_budget():
     batch = [Encoded([1] * n, [1] * n, False) for n in (50, 400, 120, 380, 70, 30, 250, 5000)]
     tc = compose_config().train
     rows = split_step(batch, tc, 512, multiple=64, packed=True)
     lengths = [[len(ex.input_ids) for ex in row] for row in rows]
     assert lengths == [[5000], [400, 70, 30], [380, 120], [250, 50]]  # the overlong one alone
     assert all(sum(row) <= 512 for row in lengths[1:])
-    budget = split_step(batch, tc, 100_000, packed=True)  # never past packing.ROW_TOKENS in a row
-    assert [sum(len(ex.input_ids) for ex in row) for row in budget] == [5000, 1300]
+    assert split_step(batch, tc, 100_000, packed=True) == [sorted(batch, key=lambda ex: -len(ex.input_ids))]
     fixed = compose_config("train.micro_batch_size=3").train  # a fixed cut keeps its groups, each packed
     assert split_step(batch, fixed, 0, packed=True) == [batch[0:3], batch[3:6], batch[6:8]]
 
