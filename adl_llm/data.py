@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from adl_llm.config import OTHER_SLICE
 from adl_llm.errors import DataError
+
+OFFLINE_FLAGS = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]  # datasets.config's, read from the environment at import
 
 FIELDS = ("id", "instruction", "output")
 
@@ -113,7 +116,7 @@ def _read_hub_dataset(source: str) -> list[Any]:
     name, _, split = source.removeprefix("hf:").partition(":")
     online = _hub_reachable()
     if not online:  # datasets would retry for half a minute; the local cache answers at once
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        _go_offline()
     import datasets
 
     try:
@@ -125,6 +128,17 @@ def _read_hub_dataset(source: str) -> list[Any]:
                 "cache; pass a local .json or .jsonl file"
             ) from None
         raise DataError(f"{source}: cannot load the hub dataset ({type(err).__name__}: {err})") from None
+
+
+def _go_offline() -> None:
+    """Hugging Face's libraries offline from here on: by the environment before they are imported, and by their
+    constants where this process has imported them already (they read the environment once, at import)."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, names in (("huggingface_hub.constants", ["HF_HUB_OFFLINE"]), ("datasets.config", OFFLINE_FLAGS)):
+        loaded = sys.modules.get(module)
+        for name in names if loaded else []:
+            if hasattr(loaded, name):
+                setattr(loaded, name, True)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

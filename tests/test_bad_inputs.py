@@ -15,7 +15,7 @@ import pytest
 
 from adl_llm import tasks
 from adl_llm.config import PROJECT_ROOT
-from adl_llm.data import load_records
+from adl_llm.data import OFFLINE_FLAGS, load_records
 from adl_llm.errors import ConfigError, DataError, ModelError, ResourceError, RunFailed
 from adl_llm.folders import check_adapter_folder, damaged_safetensors
 from tests.conftest import compose_config, tiny_overrides
@@ -58,7 +58,13 @@ def test_deeply_nested_json_is_named(tmp_path):
 
 
 def test_a_hub_dataset_while_offline_fails_at_once(monkeypatch):
+    """Also where the process imported Hugging Face's libraries before (they read the environment at import)."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module, name in [(huggingface_hub.constants, "HF_HUB_OFFLINE")] + [(datasets.config, n) for n in OFFLINE_FLAGS]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
     started = time.monotonic()
     with pytest.raises(DataError, match=r"cannot be reached .* not in the local cache"):
         load_records("hf:someone/not-cached", need_outputs=True)
