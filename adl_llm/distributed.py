@@ -74,10 +74,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients over the ranks with one flat all-reduce (LoRA gradients are a few MB)."""
+    """Sum the gradients over the ranks with one flat all-reduce (LoRA gradients are a few MB); a rank with none
+    adds zeros, so every rank reduces the same tensor."""
     if not dist.is_initialized():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:  # a rank without examples this step (a last step of fewer examples than ranks)
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from adl_llm.batching import Batch, collate
 from adl_llm.encode import IGNORE, Encoded
-from adl_llm.packing import collate_packed
+from adl_llm.packing import Rows, collate_packed
 
 LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits per chunk (256 MiB): 256 positions of a 262k vocabulary
 
@@ -94,6 +93,8 @@ def answer_nll(model, batch: Batch, prefix: SharedPrefix | None = None) -> Answe
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if batch.position_ids is not None:  # packed: transformers keeps the examples apart by their positions, given no
         inputs.update(attention_mask=None, position_ids=batch.position_ids)  # mask (masking_utils)
+        if prefix is not None:  # the positions would have to start after the prefix, and the mask hold it
+            raise ValueError("a packed batch cannot follow a shared prefix")
     if prefix is not None:
         before = batch.attention_mask.new_ones(len(batch.input_ids), prefix.length)
         inputs["attention_mask"] = torch.cat([before, batch.attention_mask], dim=1)
@@ -170,19 +171,18 @@ def accumulate_gradients(
     device,
     multiple: int = 1,
     *,
-    packed: bool = False,
-    break_even: float = math.inf,
+    rows: Rows | None = None,
 ) -> tuple[float, int]:
     """Add the gradient of (summed answer-token NLL of `micro_batches`) / `n_scored`, the step's answer tokens.
-    `packed`: each micro-batch in packed rows (packing.collate_packed, given `break_even`), not right-padded ones.
+    `rows`: each micro-batch in packed rows cut so (packing.collate_packed); None: in right-padded ones.
 
     Returns the summed NLL and the input tokens of these micro-batches.
     """
     total_nll = torch.zeros((), device=device)
     tokens = 0
     for examples in micro_batches:
-        if packed:
-            batch = collate_packed(examples, pad_id, device, multiple=multiple, break_even=break_even)
+        if rows is not None:
+            batch = collate_packed(examples, pad_id, device, multiple=multiple, rows=rows)
         else:
             batch = collate(examples, pad_id, device, multiple=multiple)
         nll = answer_nll(model, batch).nll.sum()

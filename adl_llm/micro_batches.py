@@ -13,13 +13,14 @@ one, Gemma's tokenizer, 64-column widths). Cutting a step into more, less padded
 a pass cost little beyond its tokens was tried, and measured slower on an H200 (the 7B shape's compiled steps at
 the default budget 0.99x TRL + Liger with it, 1.38x without; more pass shapes, more compiled variants): a step
 takes as few micro-batches as fit (docs/BENCHMARKS.md). Packed passes (`train.packing`, packing.py) drop the
-padding instead: a micro-batch is then one row of examples end to end, filled up to the same token budget.
+padding instead: a micro-batch then holds examples end to end, up to the same token budget, in packed rows.
 
 `plan_micro_batches` leaves the model as it found it; `train()` applies the plan and logs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from adl_llm.encode import Encoded
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
-from adl_llm.packing import attention_break_even, deal_by_tokens, pack_rows
+from adl_llm.packing import Rows, deal_by_tokens, pack_rows, row_layout
 
 log = logging.getLogger(__name__)
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
@@ -44,11 +45,16 @@ PLANNED_STEPS = 32  # the first steps of an epoch, whose micro-batches the check
 
 @dataclass(frozen=True)
 class MicroBatchPlan:
-    tokens: int  # padded tokens per micro-batch (0 with a fixed cut, which counts examples instead)
+    # Tokens per micro-batch, padding included (0 with a fixed cut, which counts examples instead); packed, the
+    # examples are grouped by their own tokens and the rows' padding is kept within it (packing.packed_rows).
+    tokens: int
     multiple: int  # micro-batch widths are rounded up to this
     gradient_checkpointing: bool
-    packed: bool = False  # each micro-batch in packed rows (packing.py)
-    break_even: float = math.inf  # packed rows: packing.attention_break_even of the model
+    rows: Rows | None = None  # how a micro-batch is cut into packed rows (packing.py); None: padded rows
+
+    @property
+    def packed(self) -> bool:
+        return self.rows is not None
 
 
 def rank_share(batch: Sequence[Encoded], tc: TrainConfig, packed: bool = False) -> list[Encoded]:
@@ -93,11 +99,16 @@ def plan_micro_batches(
     packed passes where `packed`)."""
     multiple = pad_multiple(tc.pad_to_multiple, device)
     asked = bool(tc.gradient_checkpointing)
-    rows = {"packed": packed, "break_even": attention_break_even(model) if packed else math.inf}
+    probe_rows = row_layout(model) if packed else None  # the layout the memory probe's passes take
+
+    def plan(tokens: int, checkpointing: bool) -> MicroBatchPlan:
+        rows = dataclasses.replace(probe_rows, budget=tokens or None) if probe_rows else None
+        return MicroBatchPlan(tokens, multiple, checkpointing, rows)
+
     if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
-        return MicroBatchPlan(tc.micro_batch_tokens or 0, multiple, asked, **rows)
+        return plan(tc.micro_batch_tokens or 0, asked)
     if device.type != "cuda":
-        return MicroBatchPlan(CPU_BATCH_TOKENS, multiple, asked, **rows)
+        return plan(CPU_BATCH_TOKENS, asked)
     longest = max(examples, key=lambda ex: len(ex.input_ids))
     length = padded_width(len(longest.input_ids), multiple)
     # This process's share of the first steps of an epoch, as split_step will cut them.
@@ -113,17 +124,17 @@ def plan_micro_batches(
         return sum(len(split_step(share, tc, tokens, multiple, packed)) for share in shares) / len(shares)
 
     def measured(checkpointing: bool) -> int | None:
-        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, rows)
+        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, probe_rows)
 
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        return MicroBatchPlan(max(plain or 0, length), multiple, False, **rows)
+        return plan(max(plain or 0, length), False)
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            return MicroBatchPlan(max(plain, length), multiple, False, **rows)
+            return plan(max(plain, length), False)
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -131,11 +142,18 @@ def plan_micro_batches(
         )
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
-    return MicroBatchPlan(max(checkpointed, length), multiple, True, **rows)
+    return plan(max(checkpointed, length), True)
 
 
 def _measured_tokens(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, checkpointing: bool, rows: dict
+    model,
+    longest: Encoded,
+    tc: TrainConfig,
+    pad_id: int,
+    device,
+    multiple: int,
+    checkpointing: bool,
+    rows: Rows | None,
 ) -> int | None:
     """Padded tokens per micro-batch that fit train.memory_budget_gb; None if the probe runs out of memory.
 
@@ -149,7 +167,7 @@ def _measured_tokens(
 
 
 def _measure(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, rows: dict | None = None
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, rows: Rows | None = None
 ) -> int | None:
     length = padded_width(len(longest.input_ids), multiple)
     limit = memory_limit(tc.memory_budget_gb, device)
@@ -157,7 +175,7 @@ def _measure(
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device) + 16 * trainable  # + fp32 gradients and two Adam moments
     try:
-        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple, rows or {}) - base for n in (1, 2))
+        one, two = (_pass_peak(model, [longest] * n, pad_id, device, multiple, rows) - base for n in (1, 2))
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
@@ -176,9 +194,9 @@ def _measure(
     return tokens
 
 
-def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int, rows: dict) -> int:
+def _pass_peak(model, examples: Sequence[Encoded], pad_id: int, device, multiple: int, rows: Rows | None) -> int:
     """Peak allocated bytes of one forward/backward pass over `examples` (its gradient is dropped)."""
     torch.cuda.reset_peak_memory_stats(device)
-    accumulate_gradients(model, [examples], 1, pad_id, device, multiple, **rows)
+    accumulate_gradients(model, [examples], 1, pad_id, device, multiple, rows=rows)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device)

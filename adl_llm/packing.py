@@ -4,14 +4,16 @@ Padded to its longest example, a step of 16 of the report's examples is half pad
 Gemma's tokenizer, 64-column widths), and every padded token costs a 7B as much as a real one. Packed, a pass holds
 only real tokens (and the rounding of its rows to one width). The examples stay apart through transformers' own
 handling of packed rows: given position ids that restart at 0 and no attention mask, the model's mask lets each token
-attend only to its own example (`masking_utils.find_packed_sequence_indices`; the same path as transformers'
-`DataCollatorWithFlattening`). The loss is the padded passes' up to rounding: each position still predicts the next
-token of its own example.
+attend only to its own example (`masking_utils.find_packed_sequence_indices`, row by row; the detection that
+transformers' own `DataCollatorWithFlattening` relies on). The loss is the padded passes' up to rounding: each
+position still predicts the next token of its own example.
 
 That mask is dense, [row, row], and SDPA computes attention over all of it: in one 2,103-token row, the 7B shape's
 step spent 104 ms in attention against 127 ms in its matrix products (an H200). So a micro-batch is cut into the
 number of rows of about equal tokens that costs least by the model's shape (`packed_rows`,
 `attention_break_even`): the 7B shape's rows pay from about 2,600 tokens wide, the Gemma-3-270M's from about 280.
+The rows, padded to the widest, stay within the memory plan's tokens; on flash attention a micro-batch keeps one row
+(transformers keeps packed examples apart there only in a batch of one row, and there is no dense mask).
 Flex attention (transformers' `flex_attention`, block-sparse masks) was measured instead and trained the 7B shape
 slower: 5,677 tokens/s against 7,474 (docs/BENCHMARKS.md).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -69,27 +72,30 @@ def packs(setting: bool | None, model, examples: Sequence[Encoded], device: torc
 
 @torch.no_grad()
 def keeps_examples_apart(model, examples: Sequence[Encoded], device: torch.device) -> str | None:
-    """None where `model`, given a packed row of two examples, gives the second the hidden states it has alone;
-    otherwise why not, in a few words.
+    """None where `model`, given packed rows of two examples (in as many rows as training gives it), gives the second
+    the hidden states it has alone; otherwise why not, in a few words.
 
-    "The same" is judged against what a model that ignored the packing would give (the row under one causal mask:
-    the second example attending to the first), so bf16 rounding, which moves all three, cannot pass for a leak."""
-    pair = (torch.tensor(ex.input_ids[:n], device=device) for ex, n in zip([examples[0], examples[-1]], PROBE_TOKENS))
+    "The same" is judged against what a model that ignored the packing would give (the same rows with the positions
+    running on: one causal mask over each row, the second example attending to the first), so bf16 rounding, which
+    moves all three, cannot pass for a leak. The two are cut from the examples' ends, their answers: their starts
+    are often the same prompt text."""
+    pair = (torch.tensor(ex.input_ids[-n:], device=device) for ex, n in zip([examples[0], examples[-1]], PROBE_TOKENS))
     first, second = sorted(pair, key=len, reverse=True)
+    count = 1 if row_layout(model).single else 2
+    rows = torch.cat([first, second]).repeat(count, 1)
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device).repeat(count, 1)
     decoder = model.get_decoder()
-    row = torch.cat([first, second])[None]
-    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)[None]
     was_training = model.training
     model.eval()  # no dropout: the passes must see the same weights
     try:
-        alone = _hidden(decoder, input_ids=second[None])
-        packed = _hidden(decoder, input_ids=row, position_ids=positions)[:, len(first) :]
-        leaked = _hidden(decoder, input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row))
+        alone = _hidden(decoder, input_ids=second[None]).expand(count, -1, -1)
+        packed = _hidden(decoder, input_ids=rows, position_ids=positions)[:, len(first) :]
+        leaked = _hidden(decoder, input_ids=rows)[:, len(first) :]
     except (TypeError, ValueError, RuntimeError) as err:  # no position ids, or a shape the model refuses
         return f"the model does not take packed rows ({type(err).__name__}: {first_line(str(err))[:200]})"
     finally:
         model.train(was_training)
-    packed_error, leaked_error = _relative(packed, alone), _relative(leaked[:, len(first) :], alone)
+    packed_error, leaked_error = _relative(packed, alone), _relative(leaked, alone)
     if not packed_error < LEAK_FRACTION * leaked_error:
         return (
             f"{type(decoder).__name__} lets the examples of a packed row attend to each other (an example's hidden "
@@ -142,19 +148,49 @@ def deal_by_tokens(batch: Sequence[Encoded], ranks: int, rank: int) -> list[Enco
     return balance(batch, ranks)[rank]
 
 
-def packed_rows(examples: Sequence[Encoded], multiple: int = 1, break_even: float = math.inf) -> list[list[Encoded]]:
+@dataclass(frozen=True)
+class Rows:
+    """How a packed micro-batch is cut into rows (`packed_rows`)."""
+
+    break_even: float = math.inf  # attention_break_even of the model
+    budget: int | None = None  # tokens the rows of a micro-batch may hold, padding included (the memory plan's)
+    single: bool = False  # one row a micro-batch, always: flash attention keeps packed examples apart only so
+
+
+def row_layout(model) -> Rows:
+    """How the micro-batches of `model` are cut into packed rows: by the break-even width of its shape, or in one
+    row where it runs flash attention, which keeps packed examples apart only in a batch of one row (transformers'
+    `_is_packed_sequence`) and has no dense mask to pay for."""
+    config = _text_config(model)
+    implementation = str(getattr(config, "_attn_implementation", None) or "")
+    return Rows(attention_break_even(model), single=implementation.startswith("flash"))
+
+
+def _text_config(model):
+    """The model's text config, or None for a model without a transformers config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def packed_rows(examples: Sequence[Encoded], multiple: int = 1, rows: Rows = Rows()) -> list[list[Encoded]]:
     """The rows of a packed micro-batch: the count of rows of about equal tokens (`balance`) whose cost is least,
-    each row's cost being its padded width times (1 + width / `break_even`): the linear layers' work a token, and the
-    dense mask's attention over the width. Rows wider than ROW_TOKENS are left out where narrower ones are possible;
-    ties keep fewer rows."""
+    each row's cost being its padded width times (1 + width / `rows.break_even`): the linear layers' work a token,
+    and the dense mask's attention over the width. Counts whose rows, padded to the widest, would hold more than
+    `rows.budget` tokens are left out (one row always fits: it is the micro-batch); rows wider than ROW_TOKENS are
+    left out where narrower ones are possible, and kept as narrow as they can be where not; ties keep fewer rows."""
     best: list[list[Encoded]] = [list(examples)]
-    best_cost = math.inf
+    if rows.single:
+        return best
+    best_key: tuple = (True, math.inf, math.inf)
     for count in range(1, len(examples) + 1):
-        rows = balance(examples, count)
-        width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
-        cost = count * width * (1 + width / break_even) + (math.inf if width > ROW_TOKENS else 0)
-        if cost < best_cost:
-            best, best_cost = rows, cost
+        candidate = balance(examples, count)
+        width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in candidate), multiple)
+        if count > 1 and rows.budget is not None and count * width > rows.budget:
+            continue
+        too_wide = width > ROW_TOKENS
+        key = (too_wide, width if too_wide else 0, count * width * (1 + width / rows.break_even))
+        if key < best_key:
+            best, best_key = candidate, key
     return best
 
 
@@ -164,15 +200,15 @@ def collate_packed(
     device: torch.device | str = "cpu",
     *,
     multiple: int = 1,
-    break_even: float = math.inf,
+    rows: Rows = Rows(),
 ) -> Batch:
     """The examples end to end in rows (`packed_rows`), each example numbered from position 0; each row padded up to
     the widest, rounded up to a multiple of `multiple` columns, its padding numbered from 0 as well (a sequence of its
     own). Each example's first token is left out of the loss: in a row, the token before it is another example's."""
-    rows = packed_rows(examples, multiple, break_even)
-    width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
+    cut = packed_rows(examples, multiple, rows)
+    width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in cut), multiple)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
-    for row in rows:
+    for row in cut:
         ids = [token for ex in row for token in ex.input_ids]
         tail = width - len(ids)
         columns["input_ids"].append(ids + [pad_id] * tail)
@@ -184,17 +220,19 @@ def collate_packed(
 
 def attention_break_even(model) -> float:
     """The packed row width at which a row's dense attention costs as much as its linear layers, estimated from the
-    model's shape (math.inf, one row a micro-batch, where its config does not say it)."""
-    config = model.config.get_text_config()
+    model's shape; math.inf (no attention cost counted) where its config does not say it."""
+    config = _text_config(model)
     try:
-        hidden, intermediate = config.hidden_size, config.intermediate_size
-        heads = config.num_attention_heads
-    except AttributeError:
+        hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+        intermediate = config.intermediate_size
+        if isinstance(intermediate, (list, tuple)):  # one size a layer (Gemma 3n): their mean
+            intermediate = sum(intermediate) / len(intermediate)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        attention = heads * head_dim
+        weights = 2 * hidden * attention + 2 * hidden * kv_heads * head_dim + 3 * hidden * float(intermediate)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return math.inf
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    attention = heads * head_dim
-    weights = 2 * hidden * attention + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate  # a layer's
     return weights / (ATTENTION_PAIR_COST * 2 * attention)  # attention: q.k and p.v, `attention` wide, a pair
 
 

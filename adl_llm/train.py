@@ -25,7 +25,7 @@ from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.compiled_layers import compiled_layers, training_compiles
 from adl_llm.config import Config, ResumeMode, TrainConfig
-from adl_llm.distributed import all_reduce_sum, barrier, is_main, rank, sum_gradients
+from adl_llm.distributed import all_reduce_sum, barrier, broadcast_object, is_main, rank, sum_gradients
 from adl_llm.encode import Encoded
 from adl_llm.errors import RunFailed
 from adl_llm.loss import accumulate_gradients
@@ -55,7 +55,8 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
     scheduler = make_scheduler(cfg.schedule, optimizer, total)
     checkpoints = run_dir / "checkpoints"
     state = _resume(model, cfg, checkpoints, optimizer, scheduler, device, total)
-    packed = packs(tc.packing, model, examples, device)  # before the CPU NF4 path is restored: its probe runs in eval
+    # Before the CPU NF4 path is restored (the probe runs in eval mode); rank 0's answer, so every rank cuts alike.
+    packed = broadcast_object(packs(tc.packing, model, examples, device))
 
     restore_cpu_nf4_training_path(model)
     model.train()
@@ -96,8 +97,9 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                     torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + rank())  # this step's dropout
                     share = rank_share(batch, tc, plan.packed)
                     micro_batches = split_step(share, tc, plan.tokens, plan.multiple, plan.packed)
-                    rows = {"packed": plan.packed, "break_even": plan.break_even}
-                    return accumulate_gradients(model, micro_batches, n_scored, pad_id, device, plan.multiple, **rows)
+                    return accumulate_gradients(
+                        model, micro_batches, n_scored, pad_id, device, plan.multiple, rows=plan.rows
+                    )
 
                 nll, tokens = compiled.run(step_gradients, on_fallback=eager_plan)
                 state.compiled_steps += compiled.count > 0
@@ -130,10 +132,10 @@ def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, devi
     """The micro-batches and checkpointing of the passes to come (measured on a GPU), set on the model and logged."""
     plan = plan_micro_batches(model, examples, tc, pad_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
-    if plan.packed:
+    if plan.rows is not None:
         size = f"up to {plan.tokens} tokens, in packed rows" if plan.tokens else "fixed sizes, in packed rows"
-        if math.isfinite(plan.break_even):  # packing.packed_rows: where more, narrower rows pay
-            size += f" (attention costs a row's linear layers at {plan.break_even:,.0f} tokens wide)"
+        if math.isfinite(plan.rows.break_even):  # packing.packed_rows: where more, narrower rows pay
+            size += f" (attention costs a row's linear layers at {plan.rows.break_even:,.0f} tokens wide)"
     else:
         size = f"up to {plan.tokens} padded tokens" if plan.tokens else "fixed sizes"
     log.info(

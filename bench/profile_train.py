@@ -95,8 +95,7 @@ def main(argv=None) -> None:
         tokenizer.pad_token_id,
         device,
         plan.multiple,
-        packed=packed,
-        break_even=plan.break_even,
+        rows=plan.rows,
     )
 
     def one_pass() -> None:

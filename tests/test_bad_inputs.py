@@ -63,6 +63,7 @@ def test_a_hub_dataset_while_offline_fails_at_once(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # load_records sets it: put back after the test
     for module, name in [(huggingface_hub.constants, "HF_HUB_OFFLINE")] + [(datasets.config, n) for n in OFFLINE_FLAGS]:
         monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
     started = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -58,9 +59,10 @@ def _gemma3(tokenizer):
 
 
 def _gradients(model, passes, examples, *, packed: bool, multiple: int = 1, break_even: float = math.inf):
+    rows = packing.Rows(break_even) if packed else None
     model.zero_grad(set_to_none=True)
     n_scored = sum(ex.n_scored for ex in examples)
-    loss, tokens = accumulate_gradients(model, passes, n_scored, 0, CPU, multiple, packed=packed, break_even=break_even)
+    loss, tokens = accumulate_gradients(model, passes, n_scored, 0, CPU, multiple, rows=rows)
     return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -80,14 +82,21 @@ def test_a_micro_batch_takes_the_rows_whose_width_and_attention_cost_least():
 
     four = [Encoded([1] * 300, [1] * 300, False) for _ in range(4)]
     assert lengths(packing.packed_rows(four)) == [[300] * 4]  # no attention cost: one row, no padding
-    assert lengths(packing.packed_rows(four, break_even=300)) == [[300]] * 4  # 2,400 against 3,600 in 2 and 6,000
+    assert (
+        lengths(packing.packed_rows(four, rows=packing.Rows(300))) == [[300]] * 4
+    )  # 2,400 against 3,600 in 2 and 6,000
     uneven = [Encoded([1] * n, [1] * n, False) for n in (500, 60, 200, 240, 100, 20)]
     assert lengths(packing.packed_rows(uneven)) == [[500, 240, 200, 100, 60, 20]]
     # rows of 1,120, 560 and 500 tokens: 3,211, 2,165 and 2,750 (3 rows: one as wide as the 500 alone)
-    assert lengths(packing.packed_rows(uneven, break_even=600)) == [[500, 60], [240, 200, 100, 20]]
+    assert lengths(packing.packed_rows(uneven, rows=packing.Rows(600))) == [[500, 60], [240, 200, 100, 20]]
     wide = [Encoded([1] * 3000, [1] * 3000, False)] * 2  # one row of 6,000 is past ROW_TOKENS
     assert lengths(packing.packed_rows(wide)) == [[3000], [3000]]
-    batch = packing.collate_packed(uneven, pad_id=0, multiple=64, break_even=600)
+    overlong = [Encoded([1] * n, [1] * n, False) for n in (5000, 300, 300, 300)]  # every count is past it
+    assert lengths(packing.packed_rows(overlong)) == [[5000], [300, 300, 300]]  # still as narrow as can be
+    # Rows padded to the widest may hold no more than the memory plan's budget (one row always fits)
+    assert lengths(packing.packed_rows(uneven, 64, packing.Rows(600, budget=1151))) == [[500, 240, 200, 100, 60, 20]]
+    assert lengths(packing.packed_rows(uneven, 64, packing.Rows(600, budget=1152))) == [[500, 60], [240, 200, 100, 20]]
+    batch = packing.collate_packed(uneven, pad_id=0, multiple=64, rows=packing.Rows(600))
     assert batch.input_ids.shape == (2, 576) and batch.n_tokens == 1120  # both rows as wide as the wider, rounded
     assert batch.position_ids[0].tolist() == list(range(500)) + list(range(60)) + list(range(16))
     assert batch.position_ids[1, 235:245].tolist() == [235, 236, 237, 238, 239, 0, 1, 2, 3, 4]
@@ -105,6 +114,16 @@ def test_the_attention_break_even_follows_the_models_shape():
     assert widths == [pytest.approx(2573, abs=1), pytest.approx(283, abs=1)]
     unknown = SimpleNamespace(get_text_config=lambda: SimpleNamespace(hidden_size=64))
     assert packing.attention_break_even(SimpleNamespace(config=unknown)) == math.inf  # one row a micro-batch
+    shape = {"hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": [11008, 11008]}  # one a layer
+    per_layer = SimpleNamespace(get_text_config=lambda: SimpleNamespace(**shape))  # as Gemma 3n's: their mean
+    assert packing.attention_break_even(SimpleNamespace(config=per_layer)) == pytest.approx(2573, abs=1)
+    # flash attention keeps packed examples apart in one row only, and has no dense mask to pay for
+    flash = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
+    flash._attn_implementation = "flash_attention_2"
+    assert packing.row_layout(SimpleNamespace(config=flash)).single
+    assert not packing.row_layout(SimpleNamespace(config=llama7b)).single
+    layout = packing.Rows(single=True)
+    assert packing.packed_rows([Encoded([1] * 3000, [1] * 3000, False)] * 2, rows=layout) == [[ANY, ANY]]
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
@@ -116,7 +135,7 @@ def test_packed_passes_give_the_loss_and_gradients_of_padded_ones(architecture, 
     assert len(rows) > 2 and sorted(id(ex) for row in rows for ex in row) == sorted(map(id, examples))
     for passes, multiple, break_even in ((rows, 16, math.inf), ([examples], 1, math.inf), ([examples], 16, 64)):
         if break_even < math.inf:  # several rows of one micro-batch, padded to one width
-            assert len(packing.packed_rows(examples, multiple, break_even)) > 2
+            assert len(packing.packed_rows(examples, multiple, packing.Rows(break_even))) > 2
         packed_loss, packed_tokens, packed_grads = _gradients(
             model, passes, examples, packed=True, multiple=multiple, break_even=break_even
         )
@@ -126,8 +145,9 @@ def test_packed_passes_give_the_loss_and_gradients_of_padded_ones(architecture, 
 
 
 def test_a_model_that_would_let_packed_examples_attend_to_each_other_is_refused(
-    tiny_model_dir, examples, monkeypatch, caplog
+    tiny_model_dir, tokenizer, examples, monkeypatch, caplog
 ):
+    assert packing.keeps_examples_apart(_gemma3(tokenizer), examples, CPU) is None  # its sliding window too
     model = _lora_llama(tiny_model_dir)
     assert packing.keeps_examples_apart(model, examples, CPU) is None
     assert model.training  # the probe runs in eval mode and gives the model back as it was
