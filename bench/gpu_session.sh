@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh ddp7b                  # 2 GPUs: the same on both (torchrun), profiles of both ranks
 #   bash bench/gpu_session.sh ddp7b_compile          # 2 GPUs: batch 16 on one and on both with train.compile=true
 #                                                    # (ddp7b_compile1: the one-GPU run alone, on $GPU; 2: both)
+#   bash bench/gpu_session.sh ddp7b_b64              # 2 GPUs: the same at global batch 64, one GPU then both
 #   bash bench/gpu_session.sh sweep_gpus             # 2 GPUs: a 4-job sweep one job after another on one GPU,
 #                                                    # then spread over both (hydra/launcher=gpus)
 #   bash bench/gpu_session.sh pack NAME              # KEEP's results (no checkpoints) as $OUT/NAME.tgz
@@ -166,6 +167,12 @@ ddp7b_compile2() {  # both GPUs (torchrun), then the table against the one-GPU r
   ddp7b_run 2gpu-b16-compile 2 16 40 train.compile=true
   $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
 }
+ddp7b_b64() {  # global batch 64 (20 steps), the defaults: one GPU on $GPU, then both; the table of every run so far
+  llama7b
+  CUDA_VISIBLE_DEVICES=$GPU ddp7b_run 1gpu-b64-compile 1 64 20
+  ddp7b_run 2gpu-b64-compile 2 64 20
+  $PY -m bench.ddp_table "$KEEP/ddp7b" | tee "$KEEP/ddp7b.md"
+}
 
 # A 4-job training sweep of the embedded model (lr x LoRA rank), the same jobs both ways; SWEEP_LENGTH sets how long
 # a job trains (the default: two epochs of the 3000 records, about 47 s a job on an H200: the sequential half took
@@ -281,7 +288,7 @@ pack() {  # everything under KEEP but weights, checkpoints and TensorBoard logs,
 
 # A figure is only evidence if its GPUs ran nothing else: before each part, any other process on the GPUs it uses
 # (GPU $GPU; both for the parts that use both) is named on the console and in $KEEP/contended.txt.
-BOTH_GPUS=" ddp ddp7b ddp7b_compile ddp7b_compile2 sweep_gpus "
+BOTH_GPUS=" ddp ddp7b ddp7b_compile ddp7b_compile2 ddp7b_b64 sweep_gpus "
 NOT_MEASURING=" install setup llama7b pack poll "
 others_on_gpus() {  # PART: the compute processes already on that part's GPUs, one line each
   [[ $NOT_MEASURING == *" $1 "* ]] && return 0

@@ -41,6 +41,26 @@ def test_bf16_answer_nll_agrees_with_the_models_own_loss(embedded):
     assert float(ours) == pytest.approx(float(theirs), rel=5e-3)
 
 
+def test_packed_rows_on_the_card_score_what_padded_rows_score(embedded):
+    """The embedded model in NF4 with bf16 compute, on the packed rows a GPU run cuts (several a micro-batch, by its
+    break-even width): the model passes the check, and every example's answer NLL is its padded one, up to bf16
+    rounding."""
+    from adl_llm.packing import collate_packed, keeps_examples_apart, packed_rows, row_layout
+
+    source, tokenizer, examples = embedded
+    model = load_model(ModelConfig(name_or_path=source))
+    assert keeps_examples_apart(model, examples, torch.device("cuda")) is None
+    rows = row_layout(model)
+    assert len(packed_rows(examples[:16], 64, rows)) > 1
+    with torch.no_grad():
+        padded = answer_nll(model, collate(examples[:16], tokenizer.pad_token_id, "cuda", multiple=64))
+        packed = answer_nll(
+            model, collate_packed(examples[:16], tokenizer.pad_token_id, "cuda", multiple=64, rows=rows)
+        )
+    assert float(packed.nll.sum()) == pytest.approx(float(padded.nll.sum()), rel=5e-3)
+    assert len(packed.nll) == len(padded.nll)
+
+
 @pytest.mark.parametrize("budget_gb", [3.0, 6.0])
 def test_the_memory_plan_keeps_training_within_its_budget(embedded, tmp_path, budget_gb):
     source, tokenizer, examples = embedded
