@@ -35,7 +35,7 @@ from adl_llm.encode import Encoded
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
-from adl_llm.packing import Rows, deal_by_tokens, pack_rows, row_layout
+from adl_llm.packing import Rows, balance, pack_rows, row_layout
 
 log = logging.getLogger(__name__)
 SAFETY = 0.85  # of the measured room: allocator fragmentation and lengths the probe did not see
@@ -67,7 +67,7 @@ def rank_share(batch: Sequence[Encoded], tc: TrainConfig, packed: bool = False) 
     if tc.examples_per_micro_batch(world_size()):
         return list(batch[rank() :: world_size()])
     if packed:
-        return deal_by_tokens(batch, world_size(), rank())
+        return balance(batch, world_size())[rank()]  # the same deal on every rank
     return sorted(batch, key=lambda ex: -len(ex.input_ids))[rank() :: world_size()]
 
 
@@ -167,7 +167,7 @@ def _measured_tokens(
 
 
 def _measure(
-    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, rows: Rows | None = None
+    model, longest: Encoded, tc: TrainConfig, pad_id: int, device, multiple: int, rows: Rows | None
 ) -> int | None:
     length = padded_width(len(longest.input_ids), multiple)
     limit = memory_limit(tc.memory_budget_gb, device)

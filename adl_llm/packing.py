@@ -142,12 +142,6 @@ def balance(examples: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
     return groups
 
 
-def deal_by_tokens(batch: Sequence[Encoded], ranks: int, rank: int) -> list[Encoded]:
-    """Rank `rank`'s share of a step whose passes are packed, so cost the tokens they hold (`balance`), the same on
-    every rank."""
-    return balance(batch, ranks)[rank]
-
-
 @dataclass(frozen=True)
 class Rows:
     """How a packed micro-batch is cut into rows (`packed_rows`)."""
