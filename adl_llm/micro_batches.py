@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adl_llm import nf4_graph
 from adl_llm.batching import CPU_BATCH_TOKENS, epoch_batches, pad_multiple, padded_width
 from adl_llm.config import TrainConfig
 from adl_llm.distributed import rank, world_size
@@ -51,6 +52,8 @@ class MicroBatchPlan:
     multiple: int  # micro-batch widths are rounded up to this
     gradient_checkpointing: bool
     rows: Rows | None = None  # how a micro-batch is cut into packed rows (packing.py); None: padded rows
+    # Without checkpointing: the compiled backward dequantises NF4 weights again rather than keep them (nf4_graph.py)
+    recompute_nf4: bool = False
 
     @property
     def packed(self) -> bool:
@@ -101,9 +104,9 @@ def plan_micro_batches(
     asked = bool(tc.gradient_checkpointing)
     probe_rows = row_layout(model) if packed else None  # the layout the memory probe's passes take
 
-    def plan(tokens: int, checkpointing: bool) -> MicroBatchPlan:
+    def plan(tokens: int, checkpointing: bool, recompute_nf4: bool = False) -> MicroBatchPlan:
         rows = dataclasses.replace(probe_rows, budget=tokens or None) if probe_rows else None
-        return MicroBatchPlan(tokens, multiple, checkpointing, rows)
+        return MicroBatchPlan(tokens, multiple, checkpointing, rows, recompute_nf4)
 
     if tc.micro_batch_tokens or tc.examples_per_micro_batch(world_size()):
         return plan(tc.micro_batch_tokens or 0, asked)
@@ -123,18 +126,25 @@ def plan_micro_batches(
             return math.inf
         return sum(len(split_step(share, tc, tokens, multiple, packed)) for share in shares) / len(shares)
 
-    def measured(checkpointing: bool) -> int | None:
-        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, probe_rows)
+    def measured(checkpointing: bool, recompute_nf4: bool = False) -> int | None:
+        return _measured_tokens(model, longest, tc, pad_id, device, multiple, checkpointing, probe_rows, recompute_nf4)
 
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
+    recompute_nf4 = False
+    if plain_per_step > 1 and not tc.gradient_checkpointing and nf4_graph.in_graph(model):
+        # Kept for the backward pass, the dequantised weights can fill the budget (12.1 GiB on the 7B shape);
+        # dequantised again instead, at one more dequantisation a weight, where that saves passes
+        lean = measured(False, recompute_nf4=True)
+        if per_step(lean) < plain_per_step:
+            plain, plain_per_step, recompute_nf4 = lean, per_step(lean), True
     if tc.gradient_checkpointing is False or plain_per_step == 1:
-        return plan(max(plain or 0, length), False)
+        return plan(max(plain or 0, length), False, recompute_nf4)
     checkpointed = measured(True)
     if tc.gradient_checkpointing is None:
         checkpointed_per_step = per_step(checkpointed)
         if plain_per_step < math.inf and plain_per_step <= RECOMPUTE_COST * checkpointed_per_step:
-            return plan(max(plain, length), False)
+            return plan(max(plain, length), False, recompute_nf4)
         log.info(
             "gradient checkpointing on: %.1f micro-batches a step without it, %.1f with it",
             plain_per_step,
@@ -154,16 +164,20 @@ def _measured_tokens(
     multiple: int,
     checkpointing: bool,
     rows: Rows | None,
+    recompute_nf4: bool = False,
 ) -> int | None:
     """Padded tokens per micro-batch that fit train.memory_budget_gb; None if the probe runs out of memory.
 
-    The model's gradient checkpointing is set as asked for the probe and restored after it."""
-    was_on = gradient_checkpointing_on(model)
+    The model's gradient checkpointing (and nf4_graph's recomputing) is set as asked for the probe and restored after
+    it."""
+    was_on, was_recomputing = gradient_checkpointing_on(model), nf4_graph.recomputes_weights()
     set_gradient_checkpointing(model, checkpointing)
+    nf4_graph.recompute_weights(recompute_nf4)
     try:
         return _measure(model, longest, tc, pad_id, device, multiple, rows)
     finally:
         set_gradient_checkpointing(model, was_on)
+        nf4_graph.recompute_weights(was_recomputing)
 
 
 def _measure(
@@ -185,7 +199,11 @@ def _measure(
     tokens = int(SAFETY * (limit - base - fixed) / per_token)
     log.info(
         "%s: micro-batches of up to %d padded tokens (%.0f KiB per token + %.0f MiB, budget %.1f GiB)",
-        "checkpointing" if gradient_checkpointing_on(model) else "no checkpointing",
+        "checkpointing"
+        if gradient_checkpointing_on(model)
+        else "no checkpointing, NF4 weights dequantised again in the backward pass"
+        if nf4_graph.recomputes_weights()
+        else "no checkpointing",
         tokens,
         per_token / 1024,
         fixed / 2**20,

@@ -7,19 +7,35 @@ dequantise in plain torch operations instead, which inductor fuses into one kern
 its generated code: the nibble unpacking, the NF4 code book, the (double-quantised) block scales, the cast. The
 values are bitsandbytes' own (tests/test_nf4_graph.py compares them bit for bit on a CPU). Eagerly, the backward
 pass dequantises again, as bitsandbytes does, and keeps nothing but the quantised layer; compiled, inductor's
-partitioner may keep the dequantised weight for the backward instead: one decoder layer's weights at a time under
-gradient checkpointing (the recompute runs just before that layer's backward), all of them without it. The memory
-plan measures the compiled passes, so it plans with whichever it is.
+partitioner keeps the dequantised weight for the backward instead (its consumer, a matrix product, is not fusible,
+so recomputing it is never free in the partitioner's terms): one decoder layer's weights at a time under gradient
+checkpointing (the recompute runs just before that layer's backward), all of them without it, 12.1 GiB on the 7B
+shape. `recompute_weights(True)` makes the backward dequantise again: the dequantisation is then a checkpointed
+region, whose operations the partitioner must recompute, and only the quantised weight is kept. A pass without
+checkpointing then needs the memory of its activations alone, at one more dequantisation a weight: the memory plan
+takes it where it saves passes a step (micro_batches.py), e.g. a data-parallel rank's share of a 7B step.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from adl_llm.nf4 import is_dequantized, nf4_layers, own_forward, runs_forward, use_forward
 
 _STATE = ("nf4_absmax", "nf4_code", "nf4_absmax2", "nf4_code2", "nf4_offset")  # buffers while in the graph
+_recomputed = False  # recompute_weights(); read as the graph is traced, so a change compiles new variants
+
+
+def recompute_weights(on: bool) -> None:
+    """Whether the compiled backward pass dequantises each NF4 weight again (True) or keeps it from the forward."""
+    global _recomputed
+    _recomputed = on
+
+
+def recomputes_weights() -> bool:
+    return _recomputed
 
 
 def nf4_weight(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int, shape, dtype):
@@ -67,7 +83,11 @@ def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
     dtype = self.compute_dtype
     state = [getattr(self, name) for name in _STATE]
     meta = (self.nf4_blocksize, self.nf4_blocksize2, tuple(self.weight.quant_state.shape))
-    out = _NF4Linear.apply(x.to(dtype), self.weight, *state, meta)
+    if _recomputed:  # the checkpointed region's operations are recomputed in the backward pass, not kept
+        weight = checkpoint(nf4_weight, self.weight, *state, *meta, dtype, use_reentrant=False)
+        out = F.linear(x.to(dtype), weight)
+    else:
+        out = _NF4Linear.apply(x.to(dtype), self.weight, *state, meta)
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.to(x.dtype)
@@ -117,7 +137,8 @@ def to_graph(modules: list[torch.nn.Module]) -> list:
 
 
 def restore(layers: list) -> None:
-    """bitsandbytes' own layers again."""
+    """bitsandbytes' own layers again, and the weights kept for the backward pass again."""
+    recompute_weights(False)
     for layer in layers:
         if runs_forward(layer, _graph_forward):
             own_forward(layer)
@@ -125,3 +146,8 @@ def restore(layers: list) -> None:
             layer._buffers.pop(name, None)
         for name in ("nf4_blocksize", "nf4_blocksize2"):
             vars(layer).pop(name, None)
+
+
+def in_graph(model) -> bool:
+    """Whether any NF4 layer of `model` dequantises in the graph (to_graph), so recompute_weights applies."""
+    return any(runs_forward(layer, _graph_forward) for layer in nf4_layers(model))

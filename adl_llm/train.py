@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from adl_llm import gc_pauses, nf4_graph
 from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.compiled_layers import compiled_layers, training_compiles
@@ -76,6 +77,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, compiles, tc.compile_mode) as compiled,
+            gc_pauses.frozen() as freeze_compiled,
         ):
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device, packed)
             plan = compiled.run(plan_passes)
@@ -85,6 +87,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 plan = plan_passes()
 
             batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
+            first_step = state.global_step
             while state.global_step < total:
                 if state.step_in_epoch == len(batches):
                     state.next_epoch()
@@ -112,6 +115,8 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.record_step(loss, int(totals[1]), time.perf_counter() - started)
+                if state.global_step == first_step + 1:  # what the first step compiled lives as long as the run
+                    freeze_compiled()
 
                 _report_step(state, writer, bar, scheduler.get_last_lr()[0])
                 if state.global_step == total or (tc.save_every and state.global_step % tc.save_every == 0):
@@ -132,6 +137,7 @@ def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, devi
     """The micro-batches and checkpointing of the passes to come (measured on a GPU), set on the model and logged."""
     plan = plan_micro_batches(model, examples, tc, pad_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    nf4_graph.recompute_weights(plan.recompute_nf4)
     if plan.rows is not None:
         size = f"up to {plan.tokens} tokens, in packed rows" if plan.tokens else "fixed sizes, in packed rows"
         if math.isfinite(plan.rows.break_even):  # packing.packed_rows: where more, narrower rows pay
@@ -142,7 +148,11 @@ def _plan(model, examples: Sequence[Encoded], tc: TrainConfig, pad_id: int, devi
         "micro-batches: %s, widths rounded up to %d, gradient checkpointing %s",
         size,
         plan.multiple,
-        "on" if plan.gradient_checkpointing else "off",
+        "on"
+        if plan.gradient_checkpointing
+        else "off (NF4 weights dequantised again in the backward pass)"
+        if plan.recompute_nf4
+        else "off",
     )
     return plan
 

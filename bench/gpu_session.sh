@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh bench7b                # the 7B shape: perplexity and generation too
 #   bash bench/gpu_session.sh profile                # where a training pass spends its time (bench/profile_train.py)
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
+#   bash bench/gpu_session.sh decode_sampling        # the same, the report's sampling at beams 1, 3, 5 only
 #   bash bench/gpu_session.sh decode_greedy          # greedy only: fast, plain, and plain in batches of 64
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
 #   bash bench/gpu_session.sh profile_decode7b       # where the 7B shape's decoding step spends its time
@@ -208,7 +209,8 @@ decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
     > "$KEEP/decode-$name.log" 2>&1 || tail -n 20 "$KEEP/decode-$name.log"
   echo $((($(date +%s%N) - started) / 1000000)) > "$KEEP/decode/$name/wall_ms.txt"
 }
-decode() {
+decode() { decode_sampling && decode_greedy; }
+decode_sampling() {  # the report's sampling at beams 1, 3 and 5: the fast path and the plain one
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
   decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
@@ -218,7 +220,7 @@ decode() {
     decode_run greedy-static "${a[@]}" gen=greedy gen.dequantize=false gen.static_cache=true
     decode_run greedy-static+compile "${a[@]}" gen=greedy gen.dequantize=false gen.compile=true
   fi
-  decode_greedy
+  $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 decode_greedy() {  # greedy alone: the fast path, the plain one, and the plain one in batches of 64
   local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
@@ -250,7 +252,9 @@ decode7b() {  # the 7B shape in NF4 with an adapter (one training step's), beams
   adapter7b
   local a=(task=generate model.name_or_path=/tmp/llama7b adapter="$KEEP/adapter7b/adapter" data.n_eval="${N7B:-50}" gen.beams=5)
   KEEP=$KEEP/d7 decode_run beams5-fast "${a[@]}" gen.compile=true
-  KEEP=$KEEP/d7 decode_run beams5-fast-bnb "${a[@]}" gen.compile=true gen.nf4_graph=false
+  if [ -z "${NO_BNB7B:-}" ]; then  # bitsandbytes' operator in the compiled step (NO_BNB7B=1: skipped)
+    KEEP=$KEEP/d7 decode_run beams5-fast-bnb "${a[@]}" gen.compile=true gen.nf4_graph=false
+  fi
   KEEP=$KEEP/d7 decode_run beams5-plain "${a[@]}" "${PLAIN[@]}"
   $PY -m bench.decode_table "$KEEP/d7/decode" | tee "$KEEP/decode7b.md"
 }

@@ -65,6 +65,46 @@ def test_a_layer_gives_the_outputs_and_input_gradients_of_bitsandbytes(nf4_model
     assert type(layer).__name__ == "Linear4bit" and "nf4_absmax" not in layer._buffers  # bitsandbytes' layer again
 
 
+def _kept_bytes(run, x) -> int:
+    """Bytes the autograd graph of `run(x)` keeps for its backward pass."""
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run(x)
+    return sum(kept)
+
+
+def test_recomputed_weights_are_not_kept_for_the_backward_and_give_the_same_gradients(nf4_model):
+    """Compiled with the partitioner inductor uses (min-cut): kept, the dequantised weight is saved for the input's
+    gradient; recomputed, only the quantised weight and its scales are."""
+    layer = nf4_layers(nf4_model)[0]
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    changed = nf4_graph.to_graph([nf4_model])
+    weight_bytes = layer.in_features * layer.out_features * 4  # float32 compute
+    try:
+        compiled = torch.compile(layer, backend="aot_eager_decomp_partition")
+        results = {}
+        for recomputed in (False, True, False):  # and back: the setting is guarded, not baked into one graph
+            nf4_graph.recompute_weights(recomputed)
+            out = compiled(x)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+            results.setdefault(recomputed, []).append((out, grad, _kept_bytes(compiled, x)))
+        assert nf4_graph.recomputes_weights() is False
+    finally:
+        nf4_graph.restore(changed)
+    assert not nf4_graph.recomputes_weights()  # restore() gives the default back
+    (kept_out, kept_grad, kept_bytes), again = results[False]
+    (out, grad, recomputed_bytes) = results[True][0]
+    assert torch.equal(out, kept_out) and torch.allclose(grad, kept_grad, atol=1e-6, rtol=1e-5)
+    assert kept_bytes >= weight_bytes  # the dequantised weight itself
+    assert recomputed_bytes < weight_bytes / 4  # 4-bit codes and block scales: about an eighth of float32
+    assert again[2] == kept_bytes
+
+
 def test_an_eager_call_on_a_gpu_takes_bitsandbytes_own_kernel(nf4_model, monkeypatch):
     """Outside a graph on a GPU (a decoding job's prompt pass) the unfused torch operations would be slow and large;
     on a CPU they run (bitsandbytes' CPU kernel repacks the weight the graph's state describes), with its values."""

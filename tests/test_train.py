@@ -278,3 +278,46 @@ def test_gpu_pass_budget_turns_checkpointing_on_when_it_saves_passes(
     embedded = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert not embedded.requires_grad  # turned off again: with the hook enabling put on the embeddings
     assert probed == {None: [False] if plain == 4000 else [False, True], False: [False], True: [True]}[setting]
+
+
+@pytest.mark.parametrize(
+    ("setting", "kept", "recomputed", "checkpointed", "expected", "probes"),
+    [
+        # kept weights need 3 passes, recomputed ones 1: no checkpointing, the weights dequantised again
+        (None, 1000, 4000, 20000, (4000, False, True), ["plain", "lean"]),
+        # recomputed: 2 passes, still more than 1.5x the checkpointed one's: checkpointing (weights kept)
+        (None, 1000, 2000, 20000, (20000, True, False), ["plain", "lean", "checkpointed"]),
+        # recomputed saves nothing: the weights stay kept
+        (None, 1000, 1000, 1500, (1000, False, False), ["plain", "lean", "checkpointed"]),
+        # one pass kept already: nothing else measured
+        (None, 4000, 20000, 20000, (4000, False, False), ["plain"]),
+        # checkpointing asked off: recomputing still chosen where it saves passes
+        (False, 1000, 2000, 20000, (2000, False, True), ["plain", "lean"]),
+        # asked on: checkpointing, the weights kept (its recompute runs just before each layer's backward)
+        (True, 1000, 4000, 20000, (20000, True, False), ["checkpointed"]),
+    ],
+)
+def test_gpu_pass_budget_recomputes_nf4_weights_where_that_saves_passes(
+    tiny_model_dir, tokenizer, monkeypatch, setting, kept, recomputed, checkpointed, expected, probes
+):
+    """Stubbed budgets, as above, for a model whose NF4 weights dequantise in the compiled graph (nf4_graph)."""
+    from adl_llm import micro_batches, nf4_graph
+
+    examples = _examples(tokenizer, 16)
+    ckpt = "null" if setting is None else str(setting).lower()
+    tc = compose_config(f"train.gradient_checkpointing={ckpt}", "train.pad_to_multiple=1").train
+    probed = []
+
+    def measured(model, *args):
+        if gradient_checkpointing_on(model):
+            probed.append("checkpointed")
+            return checkpointed
+        probed.append("lean" if nf4_graph.recomputes_weights() else "plain")
+        return recomputed if nf4_graph.recomputes_weights() else kept
+
+    monkeypatch.setattr(micro_batches, "_measure", measured)
+    monkeypatch.setattr(nf4_graph, "in_graph", lambda model: True)
+    plan = micro_batches.plan_micro_batches(_model(tiny_model_dir), examples, tc, 0, torch.device("cuda"))
+    assert (plan.tokens, plan.gradient_checkpointing, plan.recompute_nf4) == expected
+    assert probed == probes
+    assert not nf4_graph.recomputes_weights()  # planning leaves it as it found it; train() applies the plan
