@@ -33,6 +33,7 @@ from adl_llm.batching import CPU_BATCH_TOKENS, epoch_batches, pad_multiple, padd
 from adl_llm.config import TrainConfig
 from adl_llm.distributed import rank, world_size
 from adl_llm.encode import Encoded
+from adl_llm.errors import first_line
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
@@ -135,7 +136,7 @@ def plan_micro_batches(
     if plain_per_step > 1 and not tc.gradient_checkpointing and nf4_graph.in_graph(model):
         # Kept for the backward pass, the dequantised weights can fill the budget (12.1 GiB on the 7B shape);
         # dequantised again instead, at one more dequantisation a weight, where that saves passes
-        lean = measured(False, recompute_nf4=True)
+        lean = _recomputing_probe(model, lambda: measured(False, recompute_nf4=True))
         if per_step(lean) < plain_per_step:
             plain, plain_per_step, recompute_nf4 = lean, per_step(lean), True
     if tc.gradient_checkpointing is False or plain_per_step == 1:
@@ -153,6 +154,20 @@ def plan_micro_batches(
     if checkpointed is None:
         raise torch.OutOfMemoryError("a pass of the longest example does not fit, even with gradient checkpointing")
     return plan(max(checkpointed, length), True)
+
+
+def _recomputing_probe(model, probe) -> int | None:
+    """The probe with NF4 weights recomputed; None, with a warning, where that variant fails to compile (the run
+    then keeps them, which compiled already)."""
+    try:
+        return probe()
+    except torch._dynamo.exc.TorchDynamoException as err:
+        model.zero_grad(set_to_none=True)
+        log.warning(
+            "recomputing NF4 weights in the backward pass failed to compile (%s); keeping them",
+            first_line(str(err)).strip()[:200],
+        )
+        return None
 
 
 def _measured_tokens(

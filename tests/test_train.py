@@ -321,3 +321,22 @@ def test_gpu_pass_budget_recomputes_nf4_weights_where_that_saves_passes(
     assert (plan.tokens, plan.gradient_checkpointing, plan.recompute_nf4) == expected
     assert probed == probes
     assert not nf4_graph.recomputes_weights()  # planning leaves it as it found it; train() applies the plan
+
+
+def test_a_recomputing_probe_that_fails_to_compile_keeps_the_weights(tiny_model_dir, tokenizer, monkeypatch, caplog):
+    from adl_llm import micro_batches, nf4_graph
+
+    def measured(model, *args):
+        if nf4_graph.recomputes_weights():
+            raise torch._dynamo.exc.TorchDynamoException("inductor said no")
+        return 20000 if gradient_checkpointing_on(model) else 1000
+
+    monkeypatch.setattr(micro_batches, "_measure", measured)
+    monkeypatch.setattr(nf4_graph, "in_graph", lambda model: True)
+    tc = compose_config("train.pad_to_multiple=1").train
+    plan = micro_batches.plan_micro_batches(
+        _model(tiny_model_dir), _examples(tokenizer, 16), tc, 0, torch.device("cuda")
+    )
+    assert (plan.tokens, plan.gradient_checkpointing, plan.recompute_nf4) == (20000, True, False)
+    assert "recomputing NF4 weights in the backward pass failed to compile" in caplog.text
+    assert not nf4_graph.recomputes_weights()
