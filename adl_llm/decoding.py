@@ -27,7 +27,7 @@ from transformers import (
     StopStringCriteria,
 )
 
-from adl_llm import decode_path, deferred_syncs, gc_pauses
+from adl_llm import decode_path, deferred_syncs
 from adl_llm.config import GenConfig
 from adl_llm.distributed import is_main, map_in_order
 from adl_llm.errors import UserError, first_line
@@ -220,17 +220,15 @@ def _decode(model, tokenizer, encoded, share, gen, path, stops, stats, progress)
     texts: list[str] = []
     bar = tqdm(total=len(share), desc=f"generate (beams {gen.beams})", unit="ex", disable=not progress or not is_main())
     start = 0
-    with gc_pauses.frozen():  # the model and the compiled step are loaded and built by now
-        while start < len(share):
-            if fixed:
-                rows, real = fixed.pop(0)
-            else:
-                longest = len(encoded[share[start]])
-                rows = share[start : start + prompts_per_batch(model, gen, longest, path.fused_sampling)]
-                real = len(rows)
-            start += real
-            texts.extend(run(rows)[:real])
-            bar.update(real)
+    while start < len(share):
+        if fixed:
+            rows, real = fixed.pop(0)
+        else:
+            rows = share[start : start + prompts_per_batch(model, gen, len(encoded[share[start]]), path.fused_sampling)]
+            real = len(rows)
+        start += real
+        texts.extend(run(rows)[:real])
+        bar.update(real)
     bar.close()
     return texts
 

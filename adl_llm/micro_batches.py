@@ -6,7 +6,9 @@ padded tokens. Left null on a GPU, that size is measured: two passes of the long
 the memory of a micro-batch as a fixed part plus a part per token, and the plan takes what fits in
 `train.memory_budget_gb` next to the weights, the gradients and the optimiser state. With
 `train.gradient_checkpointing` null, checkpointing is measured too and chosen when a step then takes enough fewer
-micro-batches to pay for recomputing the forward.
+micro-batches to pay for recomputing the forward. Before it, where NF4 weights dequantise in the compiled graph and
+keeping them for the backward pass costs passes, passes that dequantise them again are measured (nf4_graph.py):
+on the 7B shape, a data-parallel rank's share then trains without checkpointing.
 
 Padded to its longest example, a step of 16 of the report's examples is half padding (2.0 padded tokens a real
 one, Gemma's tokenizer, 64-column widths). Cutting a step into more, less padded passes where two timed passes said

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adl_llm import gc_pauses, nf4_graph
+from adl_llm import nf4_graph
 from adl_llm.batching import epoch_batches
 from adl_llm.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from adl_llm.compiled_layers import compiled_layers, training_compiles
@@ -77,7 +77,6 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             autocast_forward(model, tc.autocast, weight_dtype(cfg.model, device), device),
             dequantized_base(model, enabled=tc.dequantize_base, memory_limit=limit),
             compiled_layers(model, compiles, tc.compile_mode) as compiled,
-            gc_pauses.frozen() as freeze_compiled,
         ):
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device, packed)
             plan = compiled.run(plan_passes)
@@ -87,7 +86,6 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 plan = plan_passes()
 
             batches = epoch_batches(len(examples), tc.batch_size, cfg.seed, state.epoch)
-            first_step = state.global_step
             while state.global_step < total:
                 if state.step_in_epoch == len(batches):
                     state.next_epoch()
@@ -115,8 +113,6 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.record_step(loss, int(totals[1]), time.perf_counter() - started)
-                if state.global_step == first_step + 1:  # what the first step compiled lives as long as the run
-                    freeze_compiled()
 
                 _report_step(state, writer, bar, scheduler.get_last_lr()[0])
                 if state.global_step == total or (tc.save_every and state.global_step % tc.save_every == 0):

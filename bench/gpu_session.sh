@@ -180,18 +180,26 @@ ddp7b_b64() {  # global batch 64 (20 steps), the defaults: one GPU on $GPU, then
 # 198.5 s, so both halves fit in one 10-minute call; each process's first job also pays about 17 s of imports,
 # tokenizer and data, which one-epoch jobs of 25 s cannot amortise).
 SWEEP=(-m task=train "${SWEEP_LENGTH:-train.epochs=2}" train.save_every=0 optim.lr=3e-5,1e-4 lora.r=16,64)
+cold_caches() {  # NAME: torch.compile's on-disk caches (inductor's, Triton's) fresh for one half of a comparison,
+  # so the half that runs second does not load what the first compiled
+  export TORCHINDUCTOR_CACHE_DIR=$KEEP/caches/$1/inductor TRITON_CACHE_DIR=$KEEP/caches/$1/triton
+  rm -rf "$KEEP/caches/$1"
+}
 sweep_gpus() {
   local started
+  cold_caches sweep-one
   started=$(date +%s%N)
   CUDA_VISIBLE_DEVICES=0 $PY -m adl_llm.run "${SWEEP[@]}" hydra.sweep.dir="$KEEP/sweep/one-gpu" > "$KEEP/sweep-one.log" 2>&1 \
     || tail -n 20 "$KEEP/sweep-one.log"  # a failed job is in the summary; the timing still counts
   echo "one GPU, one job after another: $((($(date +%s%N) - started) / 1000000)) ms" | tee "$KEEP/sweep.txt"
+  cold_caches sweep-two
   started=$(date +%s%N)
   $PY -m adl_llm.run "${SWEEP[@]}" hydra/launcher=gpus hydra.sweep.dir="$KEEP/sweep/two-gpus" > "$KEEP/sweep-two.log" 2>&1 \
     || tail -n 20 "$KEEP/sweep-two.log"
   echo "two GPUs, hydra/launcher=gpus: $((($(date +%s%N) - started) / 1000000)) ms" | tee -a "$KEEP/sweep.txt"
   grep -h '"cuda_visible_devices"' "$KEEP"/sweep/two-gpus/*/run.json | sort | uniq -c | tee -a "$KEEP/sweep.txt"
-  rm -rf "$KEEP"/sweep/*/*/adapter "$KEEP"/sweep/*/*/checkpoints
+  rm -rf "$KEEP"/sweep/*/*/adapter "$KEEP"/sweep/*/*/checkpoints "$KEEP/caches"
+  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
   cat "$KEEP/sweep/one-gpu/summary.md" "$KEEP/sweep/two-gpus/summary.md"
 }
 
