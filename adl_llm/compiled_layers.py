@@ -143,8 +143,10 @@ class CompiledLayers:
     def run(self, work: Callable[[], T], on_fallback: Callable[[], None] | None = None) -> T:
         """`work()`; where torch.compile fails within it, a warning and `work()` again on the eager layers, from
         zeroed gradients (so a step that failed part-way is redone whole; it seeds its own dropout), after
-        `on_fallback()` (a memory plan made for the compiled layers may not hold for the eager ones). Warns once
-        where torch.compile reached its recompile limit, after which it runs new variants eagerly."""
+        `on_fallback()` (a memory plan made for the compiled layers may not hold for the eager ones). Where the
+        failing variant recomputes NF4 weights (nf4_graph.recompute_weights), the layers stay compiled and keep the
+        weights instead, for the rest of the run. Warns once where torch.compile reached its recompile limit, after
+        which it runs new variants eagerly."""
         try:
             result = work()
             if self.layers and self.limit.hit and not self.limit.said:
@@ -158,15 +160,20 @@ class CompiledLayers:
         except torch._dynamo.exc.TorchDynamoException as err:
             if not self.layers:
                 raise
+            recomputing = nf4_graph.recomputes_weights()
             log.warning(
-                "train.compile: torch.compile failed on this model (%s); training on the eager layers",
+                "train.compile: torch.compile failed on this model (%s); %s",
                 compile_failure(err),
+                "keeping NF4 weights for the backward pass" if recomputing else "training on the eager layers",
             )
-            self.uncompile()
+            if recomputing:
+                nf4_graph.refuse_recompute()
+            else:
+                self.uncompile()
         self.model.zero_grad(set_to_none=True)
         if on_fallback is not None:
             on_fallback()
-        return work()
+        return self.run(work, on_fallback) if self.layers else work()
 
 
 @contextlib.contextmanager

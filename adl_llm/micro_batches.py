@@ -32,10 +32,10 @@ import torch
 
 from adl_llm import nf4_graph
 from adl_llm.batching import CPU_BATCH_TOKENS, epoch_batches, pad_multiple, padded_width
+from adl_llm.compiled_layers import compile_failure
 from adl_llm.config import TrainConfig
 from adl_llm.distributed import rank, world_size
 from adl_llm.encode import Encoded
-from adl_llm.errors import first_line
 from adl_llm.loss import accumulate_gradients
 from adl_llm.memory import GIB, memory_limit
 from adl_llm.modeling import gradient_checkpointing_on, set_gradient_checkpointing
@@ -135,7 +135,8 @@ def plan_micro_batches(
     plain = None if tc.gradient_checkpointing else measured(False)
     plain_per_step = per_step(plain)
     recompute_nf4 = False
-    if plain_per_step > 1 and not tc.gradient_checkpointing and nf4_graph.in_graph(model):
+    recomputable = nf4_graph.in_graph(model) and not nf4_graph.recompute_refused()
+    if plain_per_step > 1 and not tc.gradient_checkpointing and recomputable:
         # Kept for the backward pass, the dequantised weights can fill the budget (12.1 GiB on the 7B shape);
         # dequantised again instead, at one more dequantisation a weight, where that saves passes
         lean = _recomputing_probe(model, lambda: measured(False, recompute_nf4=True))
@@ -165,9 +166,9 @@ def _recomputing_probe(model, probe) -> int | None:
         return probe()
     except torch._dynamo.exc.TorchDynamoException as err:
         model.zero_grad(set_to_none=True)
+        nf4_graph.refuse_recompute()
         log.warning(
-            "recomputing NF4 weights in the backward pass failed to compile (%s); keeping them",
-            first_line(str(err)).strip()[:200],
+            "recomputing NF4 weights in the backward pass failed to compile (%s); keeping them", compile_failure(err)
         )
         return None
 

@@ -26,6 +26,7 @@ from adl_llm.nf4 import is_dequantized, nf4_layers, own_forward, runs_forward, u
 
 _STATE = ("nf4_absmax", "nf4_code", "nf4_absmax2", "nf4_code2", "nf4_offset")  # buffers while in the graph
 _recomputed = False  # recompute_weights(); read as the graph is traced, so a change compiles new variants
+_refused = False  # refuse_recompute(): the variant failed to compile in this run
 
 
 def recompute_weights(on: bool) -> None:
@@ -36,6 +37,17 @@ def recompute_weights(on: bool) -> None:
 
 def recomputes_weights() -> bool:
     return _recomputed
+
+
+def refuse_recompute() -> None:
+    """Keep the weights from here to the end of the run (restore): the recomputing variant failed to compile."""
+    global _refused
+    _refused = True
+    recompute_weights(False)
+
+
+def recompute_refused() -> bool:
+    return _refused
 
 
 def nf4_weight(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int, shape, dtype):
@@ -83,7 +95,9 @@ def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
     dtype = self.compute_dtype
     state = [getattr(self, name) for name in _STATE]
     meta = (self.nf4_blocksize, self.nf4_blocksize2, tuple(self.weight.quant_state.shape))
-    if _recomputed:  # the checkpointed region's operations are recomputed in the backward pass, not kept
+    # Compiled only: the checkpointed region's operations are recomputed in the backward pass, not kept (eagerly,
+    # the region's output would not require grad, and the product below would keep the dequantised weight)
+    if _recomputed and torch.compiler.is_compiling():
         weight = checkpoint(nf4_weight, self.weight, *state, *meta, dtype, use_reentrant=False)
         out = F.linear(x.to(dtype), weight)
     else:
@@ -138,6 +152,8 @@ def to_graph(modules: list[torch.nn.Module]) -> list:
 
 def restore(layers: list) -> None:
     """bitsandbytes' own layers again, and the weights kept for the backward pass again."""
+    global _refused
+    _refused = False
     recompute_weights(False)
     for layer in layers:
         if runs_forward(layer, _graph_forward):

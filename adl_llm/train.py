@@ -81,7 +81,7 @@ def train(model, examples: Sequence[Encoded], cfg: Config, run_dir: Path, pad_id
             plan_passes = functools.partial(_plan, model, examples, tc, pad_id, device, packed)
             plan = compiled.run(plan_passes)
 
-            def eager_plan() -> None:  # the eager layers may need more memory a pass than the compiled ones
+            def eager_plan() -> None:  # eager layers, or kept NF4 weights, may need more memory a pass
                 nonlocal plan
                 plan = plan_passes()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from adl_llm import nf4_graph
 from adl_llm.compiled_layers import compiled_layers
 from adl_llm.config import compose
 from adl_llm.data import load_records
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     defaults.enter_context(compiled_layers(model, compile_on, mode=args.compile_mode))
     plan = plan_micro_batches(model, examples, cfg.train, tokenizer.pad_token_id, device, packed)
     set_gradient_checkpointing(model, plan.gradient_checkpointing)
+    nf4_graph.recompute_weights(plan.recompute_nf4)
     share = rank_share(examples, cfg.train, packed)
     micro_batches = split_step(share, cfg.train, plan.tokens, plan.multiple, packed)
     accumulate = functools.partial(

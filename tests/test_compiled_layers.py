@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from adl_llm import nf4_graph
 from adl_llm.compiled_layers import compiled_layers, decoder_layers
 from adl_llm.modeling import set_gradient_checkpointing
 from adl_llm.tasks import run_train
@@ -126,6 +127,34 @@ def test_work_that_fails_to_compile_is_done_again_on_the_eager_layers(tiny_model
 
     with pytest.raises(torch._dynamo.exc.TorchDynamoException), compiled_layers(model, False) as compiled:
         compiled.run(failing)  # without compiled layers the error is not a compile's to forgive
+
+
+def test_a_recomputing_variant_that_fails_to_compile_keeps_the_weights_and_stays_compiled(tiny_model_dir, caplog):
+    """A step whose NF4 weights are recomputed (nf4_graph.recompute_weights) fails to compile: the layers stay
+    compiled, the weights are kept from then on (the plan made again), and a second failure goes eager."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    calls = []
+
+    def work() -> str:
+        eager = all(layer._compiled_call_impl is None for layer in model.model.layers)
+        calls.append((eager, nf4_graph.recomputes_weights()))
+        if sum(call[0] != "plan" for call in calls) < 3:  # the first two attempts fail
+            raise _compile_failure()
+        return "done"
+
+    def on_fallback() -> None:  # train()'s: plans again, which no longer offers the refused variant
+        calls.append(("plan", nf4_graph.recompute_refused()))
+
+    with caplog.at_level(logging.WARNING), compiled_layers(model, True) as compiled:
+        nf4_graph.recompute_weights(True)  # as train() applies a plan that chose it
+        assert compiled.run(work, on_fallback) == "done"
+        assert compiled.count == 0
+    # refused for the compiled layers; the eager ones hold no NF4 graph, which restore() reset
+    assert calls == [(False, True), ("plan", True), (False, False), ("plan", False), (True, False)]
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert messages[0].endswith("keeping NF4 weights for the backward pass")
+    assert messages[1].endswith("training on the eager layers")
+    assert not nf4_graph.recomputes_weights() and not nf4_graph.recompute_refused()  # the run's end restores both
 
 
 def test_reaching_the_recompile_limit_is_said_and_no_longer_counted_as_compiled(tiny_model_dir, caplog):

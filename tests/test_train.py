@@ -323,6 +323,29 @@ def test_gpu_pass_budget_recomputes_nf4_weights_where_that_saves_passes(
     assert not nf4_graph.recomputes_weights()  # planning leaves it as it found it; train() applies the plan
 
 
+def test_training_applies_the_plans_nf4_recompute_and_leaves_it_off(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    import dataclasses
+
+    from adl_llm import nf4_graph
+    from adl_llm import train as train_module
+
+    real_plan, real_accumulate = train_module.plan_micro_batches, train_module.accumulate_gradients
+    seen = []
+
+    def plan(*args, **kwargs):
+        return dataclasses.replace(real_plan(*args, **kwargs), recompute_nf4=True)
+
+    def accumulate(*args, **kwargs):
+        seen.append(nf4_graph.recomputes_weights())
+        return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "plan_micro_batches", plan)
+    monkeypatch.setattr(train_module, "accumulate_gradients", accumulate)
+    _train(_model(tiny_model_dir), _examples(tokenizer, 4), tmp_path, "train.batch_size=2")
+    assert seen == [True, True]  # every step as planned
+    assert not nf4_graph.recomputes_weights()  # evaluation and later runs keep their weights again
+
+
 def test_a_recomputing_probe_that_fails_to_compile_keeps_the_weights(tiny_model_dir, tokenizer, monkeypatch, caplog):
     from adl_llm import micro_batches, nf4_graph
 
