@@ -44,8 +44,14 @@ GPU=${GPU:-0}
 
 log() { tr '\r' '\n' | grep --line-buffered -v "%|" > "$KEEP/$1.log" || true; }  # progress bars dropped
 
-install() {
-  test -d /tmp/site || $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+install() {  # the wheels this call carried: .whl/, and .stage/whl2/ where one call's 64 MiB could not hold them all
+  # (the tracked tree and every wheel passed it: bitsandbytes' 43 MB wheel goes in a second call)
+  local dir
+  for dir in .whl .stage/whl2; do
+    if compgen -G "$dir/*.whl" > /dev/null; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
+    fi
+  done
 }
 
 setup() {
