@@ -140,8 +140,9 @@ def plan_micro_batches(
         # Kept for the backward pass, the dequantised weights can fill the budget (12.1 GiB on the 7B shape);
         # dequantised again instead, at one more dequantisation a weight, where that saves passes
         lean = _recomputing_probe(model, lambda: measured(False, recompute_nf4=True))
-        if per_step(lean) < plain_per_step:
-            plain, plain_per_step, recompute_nf4 = lean, per_step(lean), True
+        lean_per_step = per_step(lean)
+        if lean_per_step < plain_per_step:
+            plain, plain_per_step, recompute_nf4 = lean, lean_per_step, True
     if tc.gradient_checkpointing is False or plain_per_step == 1:
         return plan(max(plain or 0, length), False, recompute_nf4)
     checkpointed = measured(True)

@@ -178,7 +178,7 @@ def packed_rows(examples: Sequence[Encoded], multiple: int = 1, rows: Rows = Row
     best_key: tuple = (True, math.inf, math.inf)
     for count in range(1, len(examples) + 1):
         candidate = balance(examples, count)
-        width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in candidate), multiple)
+        width = _row_width(candidate, multiple)
         if count > 1 and rows.budget is not None and count * width > rows.budget:
             continue
         too_wide = width > ROW_TOKENS
@@ -186,6 +186,11 @@ def packed_rows(examples: Sequence[Encoded], multiple: int = 1, rows: Rows = Row
         if key < best_key:
             best, best_key = candidate, key
     return best
+
+
+def _row_width(rows: Sequence[Sequence[Encoded]], multiple: int) -> int:
+    """The width the rows are padded to: the widest row's tokens, rounded up to `multiple`."""
+    return padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
 
 
 def collate_packed(
@@ -200,7 +205,7 @@ def collate_packed(
     the widest, rounded up to a multiple of `multiple` columns, its padding numbered from 0 as well (a sequence of its
     own). Each example's first token is left out of the loss: in a row, the token before it is another example's."""
     cut = packed_rows(examples, multiple, rows)
-    width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in cut), multiple)
+    width = _row_width(cut, multiple)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
     for row in cut:
         ids = [token for ex in row for token in ex.input_ids]
