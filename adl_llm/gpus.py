@@ -81,7 +81,7 @@ def claim_gpu(poll_seconds: float = 2.0) -> str | None:
     uuids = _nvidia_smi()  # a lock per physical GPU, however CUDA_VISIBLE_DEVICES names it
     said = False
     try:
-        _shared_folder(LOCKS)
+        shared_folder(LOCKS)
         while True:
             for gpu in gpus:
                 key = re.sub(r"[^A-Za-z0-9_.-]", "_", uuids.get(gpu, gpu))
@@ -104,7 +104,7 @@ def claim_gpu(poll_seconds: float = 2.0) -> str | None:
         return None
 
 
-def _shared_folder(folder: Path) -> None:
+def shared_folder(folder: Path) -> None:
     """`folder`, writable by every user and sticky (as /tmp is), so anyone's job can add a GPU's lock file."""
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@
 #   bash bench/gpu_session.sh decode                 # decoding: the fast path against today's, the chain's adapter
 #   bash bench/gpu_session.sh decode_sampling        # the same, the report's sampling at beams 1, 3, 5 only
 #   bash bench/gpu_session.sh decode_greedy          # greedy only: fast, plain, and plain in batches of 64
+#   SEEDS="1 2" bash bench/gpu_session.sh decode_seeds  # decode_sampling once per seed
+#   bash bench/gpu_session.sh greedy_fp32            # greedy in float32, fast against plain: the same text?
 #   bash bench/gpu_session.sh decode7b               # the same at beams 5 on the 7B shape (NF4 + adapter)
 #   bash bench/gpu_session.sh profile_decode7b       # where the 7B shape's decoding step spends its time
 #   DECODE=report BEAMS=5 bash bench/gpu_session.sh profile_decode  # where a decoding step spends its time
@@ -225,7 +227,7 @@ decode_run() {  # FOLDER ARGS...: one adl_llm.run command, timed
 }
 decode() { decode_sampling && decode_greedy; }
 decode_sampling() {  # the report's sampling at beams 1, 3 and 5: the fast path and the plain one
-  local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}")
+  local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}" ${SEED_ARG:-})
   decode_run sampling-fast -m "${a[@]}" gen.beams=1,3,5 gen.compile=true
   decode_run sampling-plain -m "${a[@]}" gen.beams=1,3,5 "${PLAIN[@]}"
   if [ -n "${PIECES:-}" ]; then  # each piece alone (PIECES=1)
@@ -243,6 +245,21 @@ decode_greedy() {  # greedy alone: the fast path, the plain one, and the plain o
   # The plain path against itself in batches of 64 (other widths, other sums): how many of its own greedy answers
   # keep their text, the yardstick for the fast path's "same text as plain"
   decode_run greedy-plain64 "${a[@]}" gen=greedy "${PLAIN[@]}" gen.batch_size=64
+  $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
+}
+
+decode_seeds() {  # decode_sampling once per seed in SEEDS (default 1 2), each in KEEP/seed-N: a sampled batch lasts
+  # as long as its longest answer, so one seed's ratio at beams 3 or 5 is one draw of a random variable
+  local seed
+  for seed in ${SEEDS:-1 2}; do
+    mkdir -p "$KEEP/seed-$seed"
+    ADAPTER=${ADAPTER:-/tmp/stage/adapter} KEEP=$KEEP/seed-$seed SEED_ARG=seed=$seed decode_sampling
+  done
+}
+greedy_fp32() {  # greedy in float32 on both paths: with rounding out of the way, the same text is the test of the path
+  local a=(task=generate adapter="${ADAPTER:-/tmp/stage/adapter}" gen=greedy model.dtype=float32)
+  decode_run fp32greedy-fast "${a[@]}" gen.compile=true
+  decode_run fp32greedy-plain "${a[@]}" "${PLAIN[@]}"
   $PY -m bench.decode_table "$KEEP/decode" | tee "$KEEP/decode.md"
 }
 
@@ -298,9 +315,12 @@ bench7b() {  # a random-weight Llama-2-7B shape: speed and memory only
 pack() {  # everything under KEEP but weights, checkpoints and TensorBoard logs, as one file that comes back;
   # the chain's final adapter (12 MB) as another, for the CPU work that follows (decoding, export, chat)
   tar czf "$OUT/${1:-results}.tgz" -C "$KEEP" --exclude=checkpoints --exclude=tensorboard --exclude='*.safetensors' .
-  if [ -d "$KEEP/reproduce/chain/2/adapter" ]; then
-    tar czf "$OUT/chain-adapter.tgz" -C "$KEEP/reproduce/chain/2" adapter
-  fi
+  local chain
+  for chain in "$KEEP/reproduce/chain" "$KEEP/chain"; do
+    if [ -d "$chain/2/adapter" ]; then
+      tar czf "$OUT/chain-adapter.tgz" -C "$chain/2" adapter
+    fi
+  done
   ls -la "$OUT"
 }
 

@@ -1,0 +1,92 @@
+"""hydra/launcher=gpus: a free worker takes the job its process has compiled for (adl_llm/sweep_jobs.py)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from adl_llm.sweep_jobs import JobBoard, compile_key, next_job
+from tests.conftest import read_json, run_entrypoint, tiny_overrides
+
+# The lr x r sweep of docs/BENCHMARKS.md, in Hydra's order: r alternates
+GRID = [["task=train", f"optim.lr={lr}", f"lora.r={r}"] for lr in ("3e-5", "1e-4") for r in (16, 64)]
+
+
+def test_the_compile_key_keeps_what_changes_the_compiled_code():
+    overrides = [
+        "optim.lr=1e-4",
+        "lora.r=64",
+        "model=llama7b",
+        "+model.liger=true",
+        "gen.beams=3",
+        "task=train",
+        "train.compile_mode=max-autotune",
+        "train.epochs=2",
+        "lora/target=all",
+    ]
+    assert compile_key(overrides) == sorted(
+        [
+            "lora.r=64",
+            "model=llama7b",
+            "+model.liger=true",
+            "task=train",
+            "train.compile_mode=max-autotune",
+            "lora/target=all",
+        ]
+    )
+    assert compile_key(["train.compiled_extra=1", "models.x=1"]) == []  # a prefix of a name is not its group
+
+
+@pytest.mark.parametrize(
+    "waiting,mine,others,expected",
+    [
+        ([1, 2, 3], ["r=16"], [["r=64"]], 2),  # its own key first, though job 1 waits longer
+        ([1, 2, 3], None, [["r=16"]], 1),  # a new worker: a key nobody holds
+        ([2, 3], None, [["r=16"]], 3),
+        ([3], ["r=16"], [["r=64"]], 3),  # only another worker's key waits: taken, a free GPU never idles
+        ([2, 3], ["r=32"], [["r=16"], ["r=64"]], 2),
+    ],
+)
+def test_a_free_worker_takes_its_own_key_then_one_nobody_holds_then_the_first(waiting, mine, others, expected):
+    keys = [["r=16"], ["r=64"], ["r=16"], ["r=64"]]
+    assert next_job(waiting, keys, mine, others) == expected
+
+
+@pytest.mark.parametrize("first_free", ["w0", "w1"])
+def test_each_lora_rank_of_the_grid_is_compiled_by_one_worker_whichever_finishes_first(first_free):
+    board = JobBoard.post(GRID)
+    try:
+        ran = {}
+        for worker in ("w0", "w1"):  # both start at once
+            job, _ = board.take(worker, None)
+            ran[worker] = [job]
+        other = "w1" if first_free == "w0" else "w0"
+        for worker in (first_free, other):
+            job, _ = board.take(worker, compile_key(GRID[ran[worker][-1]]))
+            ran[worker].append(job)
+        assert sorted(ran.values()) == [[0, 2], [1, 3]]  # joblib's order would give the first free worker job 2
+        with pytest.raises(RuntimeError, match="no job left"):
+            board.take("w0", None)
+    finally:
+        board.remove()
+    assert not board.path.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_under_the_gpus_launcher_gives_each_compile_key_one_gpu(tiny_model_dir, tmp_path):
+    names = [f"fake-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
+    sweep = tmp_path / "sweep"
+    result = run_entrypoint(
+        "-m",
+        "hydra/launcher=gpus",
+        f"hydra.sweep.dir={sweep}",
+        # jobs 0, 1 of LoRA rank 4, jobs 2, 3 of rank 8: joblib alone would start 0 and 1 on the two GPUs
+        *tiny_overrides(tiny_model_dir, "task=eval", "data.n_eval=2", "lora.r=4,8", "prompt=zero_shot,few_shot"),
+        env={"CUDA_VISIBLE_DEVICES": ",".join(names)},
+    )
+    assert result.returncode == 0, result.stderr
+    seen = [read_json(sweep / str(job) / "run.json")["provenance"]["cuda_visible_devices"] for job in range(4)]
+    assert seen[0] == seen[1] and seen[2] == seen[3] and sorted(set(seen)) == sorted(names)
+    assert "jobs by worker: #0 #1; #2 #3" in result.stderr + result.stdout
+    assert (sweep / "summary.md").exists()
