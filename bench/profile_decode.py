@@ -118,11 +118,21 @@ def main(argv=None) -> None:
             f"host waits for the card a step: {waits / steps:.1f}",
             *(sync_sources(decode) if args.sync_sources and device.type == "cuda" else []),
         ]
-        lines += [*said, averages.table(sort_by="self_cpu_time_total", row_limit=20)]
+        lines += [*said, averages.table(sort_by="self_cpu_time_total", row_limit=20), *heaviest_kernels(kernels, steps)]
         print("\n".join(lines[-1 - len(said) : -1]), flush=True)
     report = "\n".join(lines)
     (args.out / "profile-decode.txt").write_text(report, encoding="utf-8")
     print(f"at {time.strftime('%H:%M:%S')} wrote {args.out}/profile-decode.txt", flush=True)
+
+
+def heaviest_kernels(kernels, steps: int, count: int = 25) -> list[str]:
+    """The kernels that kept the GPU busiest, a step each: where a GPU-bound step's time goes (the operator table
+    above is sorted by the host's time, and names operators, not kernels)."""
+    heaviest = sorted(kernels, key=lambda kernel: -kernel.self_device_time_total)[:count]
+    return ["the heaviest kernels (ms a step, launches a step, kernel):"] + [
+        f"  {kernel.self_device_time_total / 1000 / steps:7.3f} {kernel.count / steps:6.1f}  {kernel.key[:110]}"
+        for kernel in heaviest
+    ]
 
 
 def sync_sources(decode) -> list[str]:
