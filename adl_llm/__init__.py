@@ -36,6 +36,7 @@ Training
     stages.py        stage chains: `train.init_from`, the lineage in training.json                     train
     distributed.py   torchrun data parallelism: ranks, gradient sum, sharded evaluation
     gpus.py          a sweep over a machine's GPUs: each job claims one and sees only it   hydra/launcher
+    sweep_jobs.py    hydra/launcher=gpus: a free worker takes a job it has compiled for    hydra/launcher
 
 Evaluation and decoding
     evaluate.py      the course perplexity, batched                                                    eval

@@ -9,8 +9,8 @@ the other GPU sat idle for its last 61 s (docs/BENCHMARKS.md, issue 18).
 So the launcher sends each worker "the next job" rather than a fixed one, and the worker chooses, at the moment it
 is free, from a board of waiting jobs (a JSON file under a lock):
 
-1. the first waiting job with the same compile key as the last job this worker ran (the same model, LoRA shape and
-   task: the overrides in COMPILE_KEYS), which reuses the worker's compiled code;
+1. the first waiting job with the same compile key as the last job this worker ran (its overrides of task, model,
+   LoRA, adapter and the compile settings: COMPILE_KEYS), which reuses the worker's compiled code;
 2. else the first waiting job whose compile key no other worker has, so each key is compiled by one worker;
 3. else the first waiting job: a free GPU never waits while a job does.
 
@@ -34,7 +34,10 @@ from adl_llm.gpus import LOCKS, shared_folder
 log = logging.getLogger(__name__)
 
 # Overrides that change what a job's process compiles; the rest (lr, epochs, beams, prompt, seed) reuse it.
-COMPILE_KEYS = ("task", "experiment", "model", "lora", "adapter", "train.compile", "train.compile_mode", "gen.compile")
+COMPILE_KEYS = (
+    "task", "experiment", "model", "lora", "adapter",
+    "train.compile", "train.compile_mode", "gen.compile", "gen.static_cache", "gen.nf4_graph",
+)  # fmt: skip
 
 _ran: dict[str, list[str]] = {}  # this worker process's last job: {"key": its compile key}
 
@@ -43,7 +46,7 @@ def compile_key(overrides: Sequence[str]) -> list[str]:
     """The overrides of a job that decide what it compiles, sorted: jobs with equal keys reuse a process's work."""
     kept = []
     for override in overrides:
-        name = override.split("=", 1)[0].lstrip("+~")
+        name = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]  # `+x=`, `~x`, `x@package=` name x
         if any(name == key or name.startswith((key + ".", key + "/")) for key in COMPILE_KEYS):
             kept.append(override)
     return sorted(kept)
@@ -65,11 +68,11 @@ class JobBoard:
         self.path = path
 
     @classmethod
-    def post(cls, job_overrides: Sequence[Sequence[str]]) -> JobBoard:
+    def post(cls, job_overrides: Sequence[Sequence[str]], folder: Path = LOCKS) -> JobBoard:
         """A new board holding every job, waiting, in a node-local folder (as gpus.py's locks)."""
         try:
-            shared_folder(LOCKS)
-            fd, name = tempfile.mkstemp(prefix="sweep-", suffix=".json", dir=LOCKS)
+            shared_folder(folder)
+            fd, name = tempfile.mkstemp(prefix="sweep-", suffix=".json", dir=folder)
         except OSError:  # a folder another user made unwritable: the temporary folder, local on most machines
             fd, name = tempfile.mkstemp(prefix="adl-llm-sweep-", suffix=".json")
         with os.fdopen(fd, "w") as file:
@@ -132,6 +135,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         len(job_overrides),
         options.get("n_jobs"),
     )
+    log.info("Launching jobs, sweep output dir : %s", sweep_dir)
     for index, overrides in enumerate(job_overrides):
         log.info("\t#%d : %s", initial_job_idx + index, " ".join(filter_overrides(overrides)))
     board = JobBoard.post(job_overrides)

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 from adl_llm.artifacts import provenance, write_json
-from adl_llm.config import ModelConfig, compose
+from adl_llm.config import DType, ModelConfig, compose
 from adl_llm.data import load_records
 from adl_llm.encode import encode_examples
 from adl_llm.modeling import load_model, load_tokenizer, model_source
@@ -83,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-eval", type=int, default=250, help="first N public-test records for perplexity")
     parser.add_argument("--n-gen", type=int, default=250, help="first N public-test prompts for adl-llm's decoding")
     parser.add_argument("--n-gen-baseline", type=int, default=16, help="the first N of them for the one-prompt loop")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=[d.value for d in DType],
+        help="model.dtype of adl-llm's sides (auto: bfloat16 on a GPU or a CPU that computes it natively)",
+    )
     parser.add_argument("--beams", default="1,3,5")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-batch-sizes", default="1,16", help="adl-llm batch sizes timed besides the default")
@@ -164,7 +170,8 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
     save("mean_example_tokens", sum(len(e.input_ids) for e in examples) / len(examples))
     save("warmup_steps", args.warmup_steps)
     run = partial(framework.train_framework, source, examples, pad_id=pad_id, warmup=args.warmup_steps)
-    save("framework", _part("train adl-llm", lambda: run(args.train_steps, work_dir=scratch / "default")))
+    dtype = f"model.dtype={args.dtype}"
+    save("framework", _part("train adl-llm", lambda: run(args.train_steps, dtype, work_dir=scratch / "default")))
     for name in args.peers:
         liger, checkpointing = peer.SIDES[name]
         trl = partial(peer.train_peer, source, examples, args.train_steps, liger=liger, checkpointing=checkpointing)
@@ -186,14 +193,14 @@ def bench_train(args, source: str, tokenizer, scratch: Path, save) -> None:
         work = scratch / name
         save(
             f"ablation_{name}",
-            _part(f"train adl-llm {name}", lambda o=overrides, w=work: run(args.ablation_steps, *o, work_dir=w)),
+            _part(f"train adl-llm {name}", lambda o=overrides, w=work: run(args.ablation_steps, dtype, *o, work_dir=w)),
         )
 
 
 def bench_inference(args, source: str, tokenizer, result: dict, path: Path) -> None:
     """Generation and perplexity, each on an NF4 model (adl-llm's loader) loaded as its task loads it; within a
     part, every side decodes or scores the same weights."""
-    cfg = compose(f"model.name_or_path={source}")
+    cfg = compose(f"model.name_or_path={source}", f"model.dtype={args.dtype}")
     records = load_records(cfg.data.eval_file, need_outputs=True)
     if "gen" in args.parts:  # as a generate job loads it (without Liger unless asked), then as eval does
         model = load_model(model_settings(cfg, compiled=False, decoding=True), source=source)

@@ -108,3 +108,36 @@ def test_a_base_whose_forwards_hooks_replaced_is_left_alone(tiny_model_dir):
     with dequantized_base(model, enabled=True, memory_limit=2**30) as used:
         assert not used and vars(hooked)["forward"] is wrapper
     assert vars(hooked)["forward"] is wrapper
+
+
+@pytest.mark.parametrize("dtype,fused", [(DType.float32, False), (DType.bfloat16, True)])
+def test_a_cpu_keeps_the_asked_precision_where_bitsandbytes_has_a_bfloat16_only_kernel(
+    tiny_model_dir, monkeypatch, dtype, fused
+):
+    """On a CPU with AVX512-BF16, bitsandbytes' fused inference kernel casts float32 inputs to bfloat16: loading
+    turns it off unless the compute dtype is bfloat16. Here every CPU claims the kernel, as such a CPU does."""
+    from bitsandbytes.nn import Linear4bit
+
+    real_init = Linear4bit.__init__
+
+    def claiming(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.support_avx512bf16_for_cpu = True
+
+    monkeypatch.setattr(Linear4bit, "__init__", claiming)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=dtype))
+    assert [layer.support_avx512bf16_for_cpu for layer in nf4_layers(model)] == [fused] * len(nf4_layers(model))
+
+
+def test_float32_nf4_layers_score_in_float32_on_this_cpu(tiny_model_dir):
+    """Whatever this CPU's kernels, an eval call of a float32 NF4 layer gives the float32 product of its
+    dequantised weight, not a bfloat16 one (the values bfloat16 would round to 8 bits)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), quant=Quant.nf4, dtype=DType.float32))
+    layer = nf4_layers(model)[0]
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        out = layer(x)
+        expected = x @ dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.float32).T
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,9 @@ def test_the_compile_key_keeps_what_changes_the_compiled_code():
         ]
     )
     assert compile_key(["train.compiled_extra=1", "models.x=1"]) == []  # a prefix of a name is not its group
+    assert compile_key(["lora@peft=small", "~gen.static_cache", "++gen.nf4_graph=false"]) == sorted(
+        ["lora@peft=small", "~gen.static_cache", "++gen.nf4_graph=false"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,8 +57,8 @@ def test_a_free_worker_takes_its_own_key_then_one_nobody_holds_then_the_first(wa
 
 
 @pytest.mark.parametrize("first_free", ["w0", "w1"])
-def test_each_lora_rank_of_the_grid_is_compiled_by_one_worker_whichever_finishes_first(first_free):
-    board = JobBoard.post(GRID)
+def test_each_lora_rank_of_the_grid_is_compiled_by_one_worker_whichever_finishes_first(first_free, tmp_path):
+    board = JobBoard.post(GRID, folder=tmp_path)
     try:
         ran = {}
         for worker in ("w0", "w1"):  # both start at once
@@ -73,20 +76,36 @@ def test_each_lora_rank_of_the_grid_is_compiled_by_one_worker_whichever_finishes
     assert not board.path.exists()
 
 
-@pytest.mark.slow
-def test_a_sweep_under_the_gpus_launcher_gives_each_compile_key_one_gpu(tiny_model_dir, tmp_path):
-    names = [f"fake-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
-    sweep = tmp_path / "sweep"
+def _sweep(tiny_model_dir, sweep, gpus: list[str]):
+    """A 4-job eval sweep of the tiny model, in Hydra's order (prompt, then LoRA rank): ranks 4, 8, 4, 8."""
     result = run_entrypoint(
         "-m",
         "hydra/launcher=gpus",
         f"hydra.sweep.dir={sweep}",
-        # jobs 0, 1 of LoRA rank 4, jobs 2, 3 of rank 8: joblib alone would start 0 and 1 on the two GPUs
-        *tiny_overrides(tiny_model_dir, "task=eval", "data.n_eval=2", "lora.r=4,8", "prompt=zero_shot,few_shot"),
-        env={"CUDA_VISIBLE_DEVICES": ",".join(names)},
+        *tiny_overrides(tiny_model_dir, "task=eval", "data.n_eval=2", "prompt=zero_shot,few_shot", "lora.r=4,8"),
+        env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
     )
     assert result.returncode == 0, result.stderr
-    seen = [read_json(sweep / str(job) / "run.json")["provenance"]["cuda_visible_devices"] for job in range(4)]
-    assert seen[0] == seen[1] and seen[2] == seen[3] and sorted(set(seen)) == sorted(names)
-    assert "jobs by worker: #0 #1; #2 #3" in result.stderr + result.stdout
     assert (sweep / "summary.md").exists()
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_one_worker_runs_the_jobs_of_its_compile_key_first(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    said = _sweep(tiny_model_dir, sweep, [f"fake-{uuid.uuid4().hex[:8]}"])  # one GPU: one worker, in order
+    started = [int(line.rsplit("/", 1)[1]) for line in said.splitlines() if f"run folder: {sweep}/" in line]
+    assert started == [0, 2, 1, 3]  # joblib's order would be 0, 1, 2, 3: a second compile before job 2
+
+
+@pytest.mark.slow
+def test_two_workers_run_every_job_once_and_say_which_shared_a_worker(tiny_model_dir, tmp_path):
+    names = [f"fake-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
+    sweep = tmp_path / "sweep"
+    said = _sweep(tiny_model_dir, sweep, names)
+    line = next(line for line in said.splitlines() if "jobs by worker: " in line)
+    workers = [[int(job) for job in group.split("#")[1:]] for group in line.split("jobs by worker: ")[1].split(";")]
+    assert sorted(job for jobs in workers for job in jobs) == [0, 1, 2, 3]
+    for jobs in workers:  # a worker holds its GPU for life: its jobs all ran on one
+        seen = {read_json(sweep / str(job) / "run.json")["provenance"]["cuda_visible_devices"] for job in jobs}
+        assert len(seen) == 1 and seen <= set(names)
