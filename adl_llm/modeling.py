@@ -25,7 +25,7 @@ from adl_llm.embedded import check_tokenizer, embedded_model_dir, is_embedded
 from adl_llm.errors import ModelError
 from adl_llm.folders import check_adapter_folder, check_model_folder
 from adl_llm.kernels import apply_liger, plain_kernels
-from adl_llm.nf4 import keep_cpu_precision, nf4_quantization
+from adl_llm.nf4 import nf4_quantization, no_cpu_repacking
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, source: str
     # generation_config.json (an export's stop strings, a hub model's top_k or repetition_penalty).
     model.generation_config = GenerationConfig()
     if cfg.quant is Quant.nf4 and device.type == "cpu":
-        keep_cpu_precision(model, dtype)
+        no_cpu_repacking(model)
     apply_liger(model, cfg.liger)
     chosen = " (model.dtype=auto: what this device computes natively)" if cfg.dtype is DType.auto else ""
     log.info("loaded %s (%s, %s%s) on %s", cfg.name_or_path, cfg.quant.value, dtype, chosen, device)

@@ -133,17 +133,17 @@ def _restore(layer) -> None:
     layer._buffers.pop(DEQUANTIZED, None)
 
 
-def keep_cpu_precision(model, compute_dtype: torch.dtype) -> None:
-    """Keep a CPU's NF4 matmuls in `compute_dtype`: on a CPU with AVX512-BF16, bitsandbytes runs a layer called in
-    eval mode without grad through a fused kernel that computes in bfloat16 only (it casts a float32 input down), so
-    `model.dtype=float32` would score and decode in bfloat16, silently, on such CPUs and not on others. With another
-    compute dtype than bfloat16 that kernel is turned off (its layers dequantise and multiply as everywhere else)."""
+def no_cpu_repacking(model) -> None:
+    """Keep bitsandbytes' CPU inference kernel out: on a CPU with AVX512-BF16 it takes a layer called in eval mode
+    without grad, computes in bfloat16 only (a float32 input is cast down), and first repacks the weight in place,
+    its scales rounded to bfloat16; undoing that to train (restore_cpu_nf4_training_path) quantises the scales
+    again, so a run that scored or checked packing before training trained another base (seen: losses 5.5e-5 apart,
+    packed against padded). Off, such a CPU dequantises and multiplies in the compute dtype as every other does."""
     fused = [layer for layer in nf4_layers(model) if getattr(layer, "support_avx512bf16_for_cpu", False)]
-    if compute_dtype == torch.bfloat16 or not fused:
-        return
     for layer in fused:
         layer.support_avx512bf16_for_cpu = False
-    log.info("NF4 on this CPU: bitsandbytes' bfloat16-only kernel off, so its matmuls stay in %s", compute_dtype)
+    if fused:
+        log.info("NF4 on this CPU: bitsandbytes' bfloat16-only inference kernel off (it would repack the weights)")
 
 
 def restore_cpu_nf4_training_path(model) -> None:
