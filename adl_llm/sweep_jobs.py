@@ -39,9 +39,6 @@ COMPILE_KEYS = (
     "train.compile", "train.compile_mode", "gen.compile", "gen.static_cache", "gen.nf4_graph",
 )  # fmt: skip
 
-_ran: dict[str, list[str]] = {}  # this worker process's last job: {"key": its compile key}
-
-
 def compile_key(overrides: Sequence[str]) -> list[str]:
     """The overrides of a job that decide what it compiles, sorted: jobs with equal keys reuse a process's work."""
     kept = []
@@ -77,7 +74,8 @@ class JobBoard:
             fd, name = tempfile.mkstemp(prefix="adl-llm-sweep-", suffix=".json")
         with os.fdopen(fd, "w") as file:
             jobs = [list(overrides) for overrides in job_overrides]
-            json.dump({"jobs": jobs, "waiting": list(range(len(jobs))), "workers": {}}, file)
+            keys = [compile_key(overrides) for overrides in jobs]
+            json.dump({"jobs": jobs, "keys": keys, "waiting": list(range(len(jobs))), "workers": {}}, file)
         return cls(Path(name))
 
     @contextlib.contextmanager
@@ -90,14 +88,15 @@ class JobBoard:
             file.truncate()
             json.dump(state, file)
 
-    def take(self, worker: str, mine: list[str] | None) -> tuple[int, list[str]]:
-        """The job `worker` runs next (its index and overrides), off the board; its key is noted as the worker's."""
+    def take(self, worker: str) -> tuple[int, list[str]]:
+        """The job `worker` runs next (its index and overrides), off the board; its key is noted as the worker's
+        (the key of its last job, which its next take prefers)."""
         with self._state() as state:
             if not state["waiting"]:
                 raise RuntimeError(f"the sweep's job board {self.path} has no job left for a worker")
-            keys = [compile_key(overrides) for overrides in state["jobs"]]
-            others = [key for name, key in state["workers"].items() if name != worker]
-            job = next_job(state["waiting"], keys, mine, others)
+            keys, workers = state["keys"], state["workers"]
+            others = [key for name, key in workers.items() if name != worker]
+            job = next_job(state["waiting"], keys, workers.get(worker), others)
             state["waiting"].remove(job)
             state["workers"][worker] = keys[job]
             return job, state["jobs"][job]
@@ -111,8 +110,7 @@ def take_and_run(board_path: str, first_index: int, *job_context: Any) -> tuple[
     and return (its index, this worker's pid, Hydra's JobReturn)."""
     from hydra_plugins.hydra_joblib_launcher._core import execute_job
 
-    job, overrides = JobBoard(Path(board_path)).take(str(os.getpid()), _ran.get("key"))
-    _ran["key"] = compile_key(overrides)
+    job, overrides = JobBoard(Path(board_path)).take(str(os.getpid()))
     return job, os.getpid(), execute_job(first_index + job, overrides, *job_context)
 
 

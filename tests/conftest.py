@@ -160,6 +160,21 @@ def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def gpus_sweep(model_dir: Path, sweep: Path, gpus: list[str], *overrides: str) -> str:
+    """An eval sweep of the tiny model under hydra/launcher=gpus, with stand-in GPU names for CUDA_VISIBLE_DEVICES
+    (claims are files, not CUDA): its console output, once it succeeded and wrote its summary."""
+    result = run_entrypoint(
+        "-m",
+        "hydra/launcher=gpus",
+        f"hydra.sweep.dir={sweep}",
+        *tiny_overrides(model_dir, "task=eval", "data.n_eval=2", *overrides),
+        env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (sweep / "summary.md").exists()
+    return result.stdout + result.stderr
+
+
 def run_entrypoint(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m adl_llm.run ARGS` in a subprocess, as a user would run it."""
     return run_module("adl_llm.run", *args, env=env, timeout=timeout)

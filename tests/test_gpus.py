@@ -13,7 +13,7 @@ import pytest
 
 from adl_llm import gpus
 from adl_llm.config import PROJECT_ROOT
-from tests.conftest import read_json, run_entrypoint, tiny_overrides
+from tests.conftest import gpus_sweep, read_json
 
 # Claims a GPU, prints its name, and holds it until its stdin closes.
 CLAIM = "import sys; from adl_llm.gpus import claim_gpu; print(claim_gpu(0.05), flush=True); sys.stdin.read()"
@@ -74,17 +74,9 @@ def test_each_process_gets_a_gpu_of_its_own_and_the_next_waits_for_one_to_free_u
 def test_a_sweep_under_the_gpus_launcher_runs_each_job_on_its_own_gpu(tiny_model_dir, tmp_path):
     names = [f"fake-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
     sweep = tmp_path / "sweep"
-    result = run_entrypoint(
-        "-m",
-        "hydra/launcher=gpus",
-        f"hydra.sweep.dir={sweep}",
-        *tiny_overrides(tiny_model_dir, "task=eval", "data.n_eval=2", "prompt=zero_shot,few_shot"),
-        env={"CUDA_VISIBLE_DEVICES": ",".join(names)},
-    )
-    assert result.returncode == 0, result.stderr
+    gpus_sweep(tiny_model_dir, sweep, names, "prompt=zero_shot,few_shot")  # the summary written too
     seen = [read_json(sweep / job / "run.json")["provenance"]["cuda_visible_devices"] for job in ("0", "1")]
     assert sorted(seen) == sorted(names)  # two workers, each with its own GPU
-    assert (sweep / "summary.md").exists()
 
 
 def test_the_lock_is_the_physical_gpus_whatever_name_the_job_was_given(monkeypatch):

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from adl_llm.sweep_jobs import JobBoard, compile_key, next_job
-from tests.conftest import read_json, run_entrypoint, tiny_overrides
+from tests.conftest import gpus_sweep, read_json
 
 # The lr x r sweep of docs/BENCHMARKS.md, in Hydra's order: r alternates
 GRID = [["task=train", f"optim.lr={lr}", f"lora.r={r}"] for lr in ("3e-5", "1e-4") for r in (16, 64)]
@@ -62,32 +62,23 @@ def test_each_lora_rank_of_the_grid_is_compiled_by_one_worker_whichever_finishes
     try:
         ran = {}
         for worker in ("w0", "w1"):  # both start at once
-            job, _ = board.take(worker, None)
+            job, _ = board.take(worker)
             ran[worker] = [job]
         other = "w1" if first_free == "w0" else "w0"
         for worker in (first_free, other):
-            job, _ = board.take(worker, compile_key(GRID[ran[worker][-1]]))
+            job, _ = board.take(worker)  # the board holds the key of the worker's last job
             ran[worker].append(job)
         assert sorted(ran.values()) == [[0, 2], [1, 3]]  # joblib's order would give the first free worker job 2
         with pytest.raises(RuntimeError, match="no job left"):
-            board.take("w0", None)
+            board.take("w0")
     finally:
         board.remove()
     assert not board.path.exists()
 
 
-def _sweep(tiny_model_dir, sweep, gpus: list[str]):
-    """A 4-job eval sweep of the tiny model, in Hydra's order (prompt, then LoRA rank): ranks 4, 8, 4, 8."""
-    result = run_entrypoint(
-        "-m",
-        "hydra/launcher=gpus",
-        f"hydra.sweep.dir={sweep}",
-        *tiny_overrides(tiny_model_dir, "task=eval", "data.n_eval=2", "prompt=zero_shot,few_shot", "lora.r=4,8"),
-        env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
-    )
-    assert result.returncode == 0, result.stderr
-    assert (sweep / "summary.md").exists()
-    return result.stdout + result.stderr
+def _sweep(tiny_model_dir, sweep, gpus: list[str]) -> str:
+    """4 jobs in Hydra's order (prompt, then LoRA rank): ranks 4, 8, 4, 8."""
+    return gpus_sweep(tiny_model_dir, sweep, gpus, "prompt=zero_shot,few_shot", "lora.r=4,8")
 
 
 @pytest.mark.slow
